@@ -1,0 +1,3 @@
+from vit_spine.cli import main
+
+raise SystemExit(main())
