@@ -36,13 +36,15 @@ def parse_config(
     description: str,
     positionals: Sequence[str] = (),
     extra_types: Sequence[type] = (),
+    defaults: dict[str, Any] | None = None,
 ) -> tuple[Any, ...]:
     """Parse argv into `config_cls` (and `extra_types`, e.g. TrainingArguments) with HfArgumentParser.
 
     `positionals` names dataclass fields that the user gives positionally, in order, before any
     option (`vit-spine scan DATA_DIR --out t.parquet`). The last one may be a list field, which takes
     every remaining leading token. They are rewritten to `--field value` so that the dataclass stays
-    the single description of every option.
+    the single description of every option. `defaults` overrides field defaults (e.g. our choices for
+    TrainingArguments) while still letting the user set them.
     """
     from transformers import HfArgumentParser
 
@@ -55,6 +57,8 @@ def parse_config(
         description=description,
         usage=f"{prog} {usage_pos} [options]".replace("  ", " "),
     )
+    if defaults:
+        parser.set_defaults(**defaults)
     if "-h" in argv or "--help" in argv:
         parser.print_help()
         raise SystemExit(0)

@@ -1,0 +1,201 @@
+"""Shard-to-shard training: weights carried over exactly, loss scaling, metrics rows, early stopping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback, TrainingArguments
+
+from vit_spine import train
+from vit_spine.evaluation import PoolingConfig
+from vit_spine.model import IGNORE_INDEX, MaskedBCELoss
+
+SIZE = 32
+FEATURES = datasets.Features(
+    {
+        "pixel_values": datasets.Array3D((3, SIZE, SIZE), "uint8"),
+        "labels": datasets.Sequence(datasets.Value("float32"), length=14),
+        "study_labels": datasets.Sequence(datasets.Value("float32"), length=8),
+        "StudyInstanceUID": datasets.Value("string"),
+        "slice_number": datasets.Value("int32"),
+        "z": datasets.Value("float32"),
+    }
+)
+
+
+def write_toy_shard(path: Path, studies: list[str], rng: np.random.Generator, slices: int = 6) -> dict:
+    """A shard in the chunker's format; fractured slices carry a bright square (learnable)."""
+    rows = {k: [] for k in FEATURES}
+    for uid in studies:
+        vert = rng.random(7) < 0.3
+        study = np.array([float(vert.any()), *vert.astype(float)], dtype=np.float32)
+        for n in range(slices):
+            visible = np.zeros(7, dtype=np.float32)
+            visible[n % 7] = 1
+            fracture = visible * vert
+            image = rng.integers(0, 60, size=(3, SIZE, SIZE), dtype=np.uint8)
+            if fracture.any():
+                image[:, 8:24, 8:24] = 250
+            labels = np.concatenate([fracture, visible]).astype(np.float32)
+            if n == 0:
+                labels[7:] = np.nan  # unknown visibility must be masked, not learned as 0
+            rows["pixel_values"].append(image)
+            rows["labels"].append(labels)
+            rows["study_labels"].append(study)
+            rows["StudyInstanceUID"].append(uid)
+            rows["slice_number"].append(n + 1)
+            rows["z"].append(float(n))
+    datasets.Dataset.from_dict(rows, features=FEATURES).save_to_disk(str(path))
+    return {"path": path.name, "num_slices": len(studies) * slices, "studies": studies}
+
+
+@pytest.fixture(scope="module")
+def toy_chunks(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("chunks")
+    rng = np.random.default_rng(0)
+    shards = []
+    for k in range(4):
+        entry = write_toy_shard(root / f"shard_{k:05d}", [f"1.2.3.{k}.{i}" for i in range(6)], rng)
+        shards.append({**entry, "split": "train"})
+    shards.append({**write_toy_shard(root / "val_00000", [f"1.2.3.9.{i}" for i in range(10)], rng), "split": "val"})
+    manifest = {"format": 1, "preprocess": {"image_size": SIZE}, "shards": shards, "problems": []}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def make_args(**overrides) -> TrainingArguments:
+    values = train.training_defaults()
+    values.update(
+        per_device_train_batch_size=8, logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def run(chunks: Path, output: Path, callbacks=(), pooling=None, **config) -> list[dict]:
+    args_overrides = config.pop("args", {})
+    cfg = train.TrainConfig(chunks=str(chunks), output=str(output), model_config="tiny", augment=False, **config)
+    return train.run_training(cfg, pooling or PoolingConfig(calibration_folds=2), make_args(**args_overrides), callbacks)
+
+
+class StartWeights(TrainerCallback):
+    """Records the weights each shard's Trainer starts from."""
+
+    def __init__(self):
+        self.starts: list[dict[str, torch.Tensor]] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def test_each_shard_starts_from_previous_shard_weights(toy_chunks, tmp_path):
+    recorder = StartWeights()
+    rows = run(toy_chunks, tmp_path / "run", callbacks=[recorder], max_shards=3, patience=3, args={"learning_rate": 1e-3})
+    assert [r["shard"] for r in rows] == [0, 1, 2]
+    assert len(recorder.starts) == 3
+    for k in (1, 2):
+        saved = load_file(str(tmp_path / "run" / f"shard_{k - 1:05d}" / "model.safetensors"))
+        start = recorder.starts[k]
+        assert len(saved) == len(start) > 10
+        # from_pretrained maps saved names onto the module's; compare by value, every tensor
+        saved_values = sorted((tuple(v.shape), v.float().sum().item(), v.float().abs().sum().item()) for v in saved.values())
+        start_values = sorted((tuple(v.shape), v.float().sum().item(), v.float().abs().sum().item()) for v in start.values())
+        assert saved_values == start_values
+        # and the weights really moved during shard k-1 (so equality is not trivial)
+        assert any(not torch.equal(recorder.starts[k - 1][n], start[n]) for n in start)
+
+
+def test_metrics_rows_files_and_best(toy_chunks, tmp_path):
+    out = tmp_path / "run"
+    rows = run(toy_chunks, out, max_shards=2, patience=5, args={"learning_rate": 1e-3})
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 == len(rows)
+    for k, line in enumerate(lines):
+        row = json.loads(line)
+        assert row["shard"] == k and row["num_val_studies"] == 10
+        for key in ("weighted_log_loss", "weighted_log_loss_uncalibrated", "baseline_weighted_log_loss", "auc", "train_loss"):
+            assert key in row
+        shard = out / f"shard_{k:05d}"
+        assert (shard / "model.safetensors").is_file() and (shard / "config.json").is_file()
+        meta = json.loads((shard / "vit_spine.json").read_text())
+        assert meta["preprocess"]["image_size"] == SIZE and meta["metrics"]["shard"] == k
+        assert not (shard / "trainer").exists()
+    best = min(rows, key=lambda r: r["weighted_log_loss"])["shard"]
+    assert (out / "best").resolve() == (out / f"shard_{best:05d}").resolve()
+    assert json.loads((out / "all_results.json").read_text())["best_shard"] == best
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_early_stopping_stops_after_patience_shards(toy_chunks, tmp_path, patience):
+    # learning rate 0: every shard scores exactly the same, so nothing after shard 0 is an improvement
+    out = tmp_path / "run"
+    rows = run(toy_chunks, out, patience=patience, args={"learning_rate": 0.0})
+    assert [r["shard"] for r in rows] == list(range(patience + 1))
+    assert len({r["weighted_log_loss"] for r in rows}) == 1
+    assert (out / "best").resolve() == (out / "shard_00000").resolve()
+    assert not (out / f"shard_{patience + 1:05d}").exists()
+
+
+def test_lr_schedule_spans_the_run_not_restarted_per_shard(toy_chunks, tmp_path):
+    out = tmp_path / "run"
+    run(toy_chunks, out, max_shards=3, patience=5, args={"learning_rate": 1e-3, "warmup_steps": 1})
+    lrs = []
+    for k in range(3):
+        history = json.loads((out / f"shard_{k:05d}" / "trainer_state.json").read_text())["log_history"]
+        lrs += [h["learning_rate"] for h in history if "learning_rate" in h]
+    assert len(lrs) >= 6
+    assert lrs[0] == pytest.approx(1e-3)  # after one warm-up step
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:])), lrs  # cosine decay across shard boundaries
+
+
+def _weights_after_one_step(chunks: Path, out: Path, batch: int, accumulation: int) -> dict[str, torch.Tensor]:
+    run(
+        chunks,
+        out,
+        max_shards=1,
+        pooling=PoolingConfig(calibration_folds=0),
+        args={
+            "learning_rate": 0.5,
+            "optim": "sgd",  # SGD: the update is proportional to the gradient, so mis-scaling shows (Adam hides it)
+            "weight_decay": 0.0,
+            "lr_scheduler_type": "constant",
+            "warmup_steps": 0,
+            "per_device_train_batch_size": batch,
+            "gradient_accumulation_steps": accumulation,
+            "max_steps": 1,
+        },
+    )
+    return load_file(str(out / "shard_00000" / "model.safetensors"))
+
+
+def test_loss_scaling_same_for_gradient_accumulation_1_and_4(toy_chunks, tmp_path):
+    one = _weights_after_one_step(toy_chunks, tmp_path / "ga1", batch=8, accumulation=1)
+    four = _weights_after_one_step(toy_chunks, tmp_path / "ga4", batch=2, accumulation=4)
+    init = train.create_model(model_config="tiny", image_size=SIZE, seed=0).state_dict()
+    moved = 0
+    for name, value in one.items():
+        torch.testing.assert_close(four[name], value, rtol=1e-4, atol=1e-6)
+        moved += int(not torch.allclose(value, init[name]))
+    assert moved > 0
+
+
+def test_masked_bce_ignores_unknown_and_divides_by_known_count():
+    logits = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
+    labels = torch.tensor([[1.0, IGNORE_INDEX], [0.0, 1.0]])
+    loss = MaskedBCELoss()({"logits": logits}, labels, num_items_in_batch=torch.tensor(3))
+    expected = (np.log(2) + np.log1p(np.exp(1.0)) + np.log1p(np.exp(1.0))) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_changed_configuration_is_refused(toy_chunks, tmp_path):
+    out = tmp_path / "run"
+    run(toy_chunks, out, max_shards=1, args={"learning_rate": 0.0})
+    cfg = train.TrainConfig(chunks=str(toy_chunks), output=str(out), model_config="small", augment=False)
+    with pytest.raises(ValueError, match="model_config: was 'tiny', now 'small'"):
+        train.run_training(cfg, PoolingConfig(), make_args())

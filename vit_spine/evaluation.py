@@ -1,0 +1,120 @@
+"""Scoring a model on the validation shard(s): slice -> vertebra -> patient pooling, calibration, metrics.
+
+`vit-spine evaluate CHECKPOINT --chunks DIR` prints and writes the metrics of any checkpoint.
+The same `score_predictions` runs after every training shard, so both report the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vit_spine import STUDY_TARGETS, VERTEBRAE, metrics
+
+CHECKPOINT_META = "vit_spine.json"  # saved beside the weights: preprocessing, calibration, metrics
+
+
+@dataclass
+class PoolingConfig:
+    slice_pool: str = field(default="max", metadata={"help": "slice -> vertebra pooling (see vit_spine.metrics)."})
+    patient_pool: str = field(default="max", metadata={"help": "vertebra -> patient pooling (see vit_spine.metrics)."})
+    calibration_folds: int = field(
+        default=5,
+        metadata={"help": "folds for the cross-fitted calibration of the reported score (0 = no calibration)."},
+    )
+
+
+@dataclass
+class ValidationSet:
+    """Everything scoring needs besides the model's outputs, one entry per validation slice."""
+
+    study_ids: np.ndarray  # (n,) str
+    study_labels: np.ndarray  # (n, 8) float, NaN if unlabeled
+
+
+def study_label_matrix(validation: ValidationSet, uids: np.ndarray) -> np.ndarray:
+    """(m, 8) study labels in the order of `uids`."""
+    first_row = {}
+    for i, uid in enumerate(validation.study_ids):
+        first_row.setdefault(uid, i)
+    return validation.study_labels[[first_row[u] for u in uids]].astype(np.float64)
+
+
+def score_predictions(
+    slice_probs: np.ndarray,
+    validation: ValidationSet,
+    baseline_prevalence: np.ndarray,
+    pooling: PoolingConfig,
+    seed: int = 0,
+) -> tuple[dict, "metrics.Calibrator | None", dict[str, np.ndarray]]:
+    """Pool slice probabilities (n, 14) to studies and score them.
+
+    Returns (metrics row, calibrator fitted on all validation studies for use at predict time,
+    arrays {uids, raw, calibrated, labels} for reports). The reported `weighted_log_loss` is the
+    cross-fitted one: no study is scored by a calibrator that saw its own labels.
+    """
+    uids, vertebra_probs = metrics.pool_slices_to_studies(
+        validation.study_ids, slice_probs[:, : len(VERTEBRAE)], how=pooling.slice_pool
+    )
+    patient_probs = metrics.vertebra_to_patient(vertebra_probs, how=pooling.patient_pool)
+    raw = metrics.study_matrix(uids, vertebra_probs, patient_probs)
+    labels = study_label_matrix(validation, uids)
+    labelled = ~np.isnan(labels).any(axis=1)
+    uids, raw, labels = uids[labelled], raw[labelled], labels[labelled]
+    if len(uids) == 0:
+        raise ValueError("the validation shards hold no labelled study: nothing to score")
+
+    calibrator = None
+    calibrated = raw
+    if pooling.calibration_folds > 1:
+        calibrated = metrics.cross_fitted_calibration(labels, raw, n_folds=pooling.calibration_folds, seed=seed)
+        calibrator = metrics.Calibrator().fit(labels, raw)
+    baseline = np.broadcast_to(baseline_prevalence, labels.shape)
+    auc = metrics.per_vertebra_auc(labels, raw)
+    row = {
+        "weighted_log_loss": float(metrics.weighted_log_loss(labels, calibrated)),
+        "weighted_log_loss_uncalibrated": float(metrics.weighted_log_loss(labels, raw)),
+        "baseline_weighted_log_loss": float(metrics.weighted_log_loss(labels, baseline)),
+        "auc": {k: (None if np.isnan(v) else float(v)) for k, v in auc.items()},
+        "num_val_studies": int(len(uids)),
+        "num_val_slices": int(len(slice_probs)),
+    }
+    arrays = {"uids": uids, "raw": raw, "calibrated": calibrated, "labels": labels}
+    return row, calibrator, arrays
+
+
+def train_prevalence(study_labels: np.ndarray, study_ids: np.ndarray) -> np.ndarray:
+    """Per-target prevalence (8,) over the distinct labelled studies of the training shards."""
+    _, first = np.unique(study_ids, return_index=True)
+    per_study = study_labels[first]
+    per_study = per_study[~np.isnan(per_study).any(axis=1)]
+    if len(per_study) == 0:
+        raise ValueError("the training shards hold no labelled study: cannot compute the prevalence baseline")
+    return per_study.mean(axis=0)
+
+
+def read_checkpoint_meta(checkpoint: Path) -> dict:
+    path = Path(checkpoint) / CHECKPOINT_META
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a vit-spine checkpoint: {CHECKPOINT_META} is missing")
+    return json.loads(path.read_text())
+
+
+def format_table(rows: list[dict]) -> str:
+    """Per shard: validation weighted log loss (calibrated and raw), baseline, AUCs."""
+    header = f"{'shard':>5} {'step':>6} {'wll':>7} {'wll_raw':>8} {'baseline':>8} {'auc_any':>7} {'auc_mean_C':>10}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        auc = row.get("auc", {})
+        vert = [auc.get(v) for v in VERTEBRAE if auc.get(v) is not None]
+        overall = auc.get(STUDY_TARGETS[0])
+        lines.append(
+            f"{row.get('shard', '-'):>5} {row.get('global_step', '-'):>6} {row['weighted_log_loss']:7.4f} "
+            f"{row['weighted_log_loss_uncalibrated']:8.4f} {row['baseline_weighted_log_loss']:8.4f} "
+            f"{'   n/a' if overall is None else f'{overall:7.3f}'} "
+            f"{'      n/a' if not vert else f'{np.mean(vert):10.3f}'}"
+        )
+    return "\n".join(lines)

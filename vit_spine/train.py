@@ -1,0 +1,371 @@
+"""`vit-spine train`: fine-tune a ViT on one shard after another, judged after each shard.
+
+Per shard (DESIGN.md pitfalls 1-3): a fresh `Trainer` whose model is `from_pretrained(previous
+shard's checkpoint)`; one learning-rate schedule spans the whole run (warm-up once, decay across
+shards); after the shard the validation shard is predicted, pooled to vertebra and patient level,
+calibrated (cross-fitted, so the reported score never sees its own labels) and scored with the
+competition's weighted log loss. A row goes to OUTPUT/metrics.jsonl, the weights and their
+preprocessing/calibration to OUTPUT/shard_XXXXX/, OUTPUT/best points at the best shard, and the run
+stops after --patience shards without improvement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import ConcatDataset, Dataset, Subset
+from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
+
+from vit_spine import chunk as chunking
+from vit_spine.cli import parse_config
+from vit_spine.data import ShardDataset
+from vit_spine.evaluation import (
+    CHECKPOINT_META,
+    PoolingConfig,
+    ValidationSet,
+    format_table,
+    score_predictions,
+    train_prevalence,
+)
+from vit_spine.model import IGNORE_INDEX, MaskedBCELoss, create_model, fracture_pos_weight, load_model
+
+METRICS_FILE = "metrics.jsonl"
+RUN_CONFIG_FILE = "run_config.json"
+
+
+@dataclass
+class TrainConfig:
+    chunks: str = field(metadata={"help": "folder written by `vit-spine chunk` (holds manifest.json)."})
+    output: str = field(metadata={"help": "run folder: shard_XXXXX/ checkpoints, metrics.jsonl, best -> shard."})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "pretrained backbone, a Hub name in the local cache or a local folder "
+            "(default google/vit-base-patch16-224-in21k when --model-config is not given)."
+        },
+    )
+    model_config: str | None = field(
+        default=None, metadata={"help": "random-init ViT size instead of pretrained weights: tiny, small or base."}
+    )
+    patience: int = field(default=2, metadata={"help": "stop after this many shards without a better validation score."})
+    min_delta: float = field(default=0.0, metadata={"help": "an improvement smaller than this does not count."})
+    replay_fraction: float = field(
+        default=0.0,
+        metadata={"help": "add this fraction (of the current shard's size) of slices drawn from earlier shards, against forgetting."},
+    )
+    max_shards: int | None = field(default=None, metadata={"help": "train on at most this many shards."})
+    fracture_pos_weight_max: float = field(
+        default=5.0,
+        metadata={"help": "positive weight of the fracture targets = min(this, negatives/positives of the training slices)."},
+    )
+    augment: bool = field(default=True, metadata={"help": "random augmentation of training slices at read time."})
+    keep_trainer_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "keep each finished shard's intermediate Trainer checkpoints (optimizer state; large)."},
+    )
+
+    def __post_init__(self):
+        if self.model and self.model_config:
+            raise ValueError("give either --model or --model-config, not both")
+        if not 0 <= self.replay_fraction <= 1:
+            raise ValueError(f"--replay-fraction must be in [0, 1], got {self.replay_fraction}")
+        if self.patience < 1:
+            raise ValueError(f"--patience must be >= 1, got {self.patience}")
+
+
+# Our defaults for TrainingArguments (the user may override any of them on the command line).
+def training_defaults() -> dict:
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        output_dir="unused",  # replaced per shard by OUTPUT/shard_XXXXX/trainer
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=64,
+        learning_rate=1e-4,
+        weight_decay=0.05,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        num_train_epochs=1.0,
+        logging_steps=10,
+        save_strategy="steps",
+        save_steps=200,
+        save_total_limit=2,
+        report_to="none",
+        remove_unused_columns=False,
+        bf16=bool(on_gpu and torch.cuda.is_bf16_supported()),
+        dataloader_num_workers=min(8, (os.cpu_count() or 2) // 2) if on_gpu else 0,
+    )
+
+
+def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack a batch; unknown targets (NaN) become -100 so the Trainer's item count skips them."""
+    pixels = torch.stack([torch.as_tensor(item["pixel_values"]) for item in batch])
+    labels = torch.stack([torch.as_tensor(item["labels"]) for item in batch])
+    return {"pixel_values": pixels, "labels": torch.nan_to_num(labels, nan=IGNORE_INDEX)}
+
+
+class ShardTrainer(Trainer):
+    """A Trainer whose LR schedule is one slice of a schedule spanning every shard of the run."""
+
+    def __init__(self, *args, schedule_offset: int = 0, schedule_total: int = 1, **kwargs):
+        self.schedule_offset = schedule_offset
+        self.schedule_total = schedule_total
+        super().__init__(*args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            optimizer = optimizer or self.optimizer
+            whole_run = get_scheduler(
+                self.args.lr_scheduler_type,
+                optimizer=optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(self.schedule_total),
+                num_training_steps=self.schedule_total,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+            )
+            if not isinstance(whole_run, LambdaLR):
+                raise ValueError(f"--lr_scheduler_type {self.args.lr_scheduler_type} cannot span shards; use cosine, linear, constant...")
+            factor, offset = whole_run.lr_lambdas[0], self.schedule_offset
+            self.lr_scheduler = LambdaLR(optimizer, lambda step: factor(step + offset))
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+
+def update_steps(num_examples: int, args: TrainingArguments) -> int:
+    """Optimizer steps the Trainer takes for one shard (same arithmetic as Trainer)."""
+    batches = math.ceil(num_examples / (args.per_device_train_batch_size * args.world_size))
+    per_epoch = max(1, math.ceil(batches / args.gradient_accumulation_steps))
+    return math.ceil(per_epoch * args.num_train_epochs)
+
+
+@dataclass
+class ShardResult:
+    index: int
+    directory: Path
+    row: dict
+
+
+def shard_dir(output: Path, index: int) -> Path:
+    return output / f"shard_{index:05d}"
+
+
+def read_metrics(output: Path) -> list[dict]:
+    path = output / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def with_replay(current: ShardDataset, earlier: list[ShardDataset], fraction: float, seed: int) -> Dataset:
+    """The current shard plus `fraction * len(current)` slices drawn uniformly from earlier shards."""
+    count = int(round(fraction * len(current)))
+    if count == 0 or not earlier:
+        return current
+    pool = ConcatDataset(earlier)
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(pool), size=min(count, len(pool)), replace=False)
+    return ConcatDataset([current, Subset(pool, np.sort(picked).tolist())])
+
+
+def load_validation(chunks: Path, manifest: dict) -> tuple[Dataset, ValidationSet]:
+    shards = [ShardDataset(chunks / s["path"]) for s in chunking.val_shards(manifest)]
+    if not shards:
+        raise ValueError(f"{chunks / 'manifest.json'} lists no validation shard; re-chunk with --val-fraction > 0")
+    dataset = shards[0] if len(shards) == 1 else ConcatDataset(shards)
+    validation = ValidationSet(
+        study_ids=np.concatenate([s.study_ids for s in shards]),
+        study_labels=np.concatenate([s.study_labels for s in shards]),
+    )
+    return dataset, validation
+
+
+def training_statistics(shards: list[ShardDataset]) -> tuple[np.ndarray, float]:
+    """(prevalence of the 8 study targets over training studies, positive rate of fracture slice targets)."""
+    prevalence = train_prevalence(
+        np.concatenate([s.study_labels for s in shards]), np.concatenate([s.study_ids for s in shards])
+    )
+    fracture = np.concatenate([s.labels[:, :7] for s in shards])
+    known = fracture[~np.isnan(fracture)]
+    return prevalence, float(known.mean()) if known.size else 0.0
+
+
+def check_run_config(output: Path, current: dict) -> None:
+    """Refuse to continue a run whose data or model differ from what it was started with."""
+    path = output / RUN_CONFIG_FILE
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    differs = [k for k in current if saved.get(k) != current[k]]
+    if differs:
+        details = "; ".join(f"{k}: was {saved.get(k)!r}, now {current[k]!r}" for k in differs)
+        raise ValueError(f"{output} holds a run with another configuration ({details}). Use a new --output folder.")
+
+
+def point_best(output: Path, index: int) -> None:
+    link = output / "best"
+    tmp = output / ".best.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(shard_dir(output, index).name)
+    os.replace(tmp, link)
+
+
+def run_training(
+    config: TrainConfig,
+    pooling: PoolingConfig,
+    args: TrainingArguments,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> list[dict]:
+    """Train shard after shard; returns the metrics rows of every shard trained so far."""
+    chunks, output = Path(config.chunks), Path(config.output)
+    manifest = chunking.load_manifest(chunks)
+    image_size = int(manifest["preprocess"]["image_size"])
+    train_entries = chunking.train_shards(manifest)
+    if config.max_shards is not None:
+        train_entries = train_entries[: config.max_shards]
+    if not train_entries:
+        raise ValueError(f"{chunks / 'manifest.json'} lists no training shard")
+    missing = [e["path"] for e in train_entries if not (chunks / e["path"]).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"shards listed in {chunks / 'manifest.json'} are not written yet: {', '.join(missing)}")
+
+    run_identity = {
+        "chunks": str(chunks.resolve()),
+        "model": config.model,
+        "model_config": config.model_config,
+        "image_size": image_size,
+        "preprocess": manifest["preprocess"],
+    }
+    is_main = args.process_index == 0
+    check_run_config(output, run_identity)
+    if is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / RUN_CONFIG_FILE).write_text(json.dumps(run_identity, indent=2))
+
+    train_sets = [ShardDataset(chunks / e["path"], augment=config.augment) for e in train_entries]
+    val_dataset, validation = load_validation(chunks, manifest)
+    prevalence, positive_rate = training_statistics(train_sets)
+    loss = MaskedBCELoss(fracture_pos_weight(positive_rate, config.fracture_pos_weight_max))
+
+    sizes = [len(s) + int(round(config.replay_fraction * len(s))) * (k > 0) for k, s in enumerate(train_sets)]
+    schedule_total = sum(update_steps(n, args) for n in sizes)
+
+    rows = read_metrics(output)
+    done = {row["shard"] for row in rows}
+    best_row = min(rows, key=lambda r: r["weighted_log_loss"], default=None)
+    offset = max((r["global_step"] for r in rows), default=0)
+    for k, entry in enumerate(train_entries):
+        directory = shard_dir(output, k)
+        if k in done and (directory / CHECKPOINT_META).exists():
+            continue
+        if best_row is not None and k - best_row["shard"] > config.patience:
+            break
+        start = time.time()
+        model = (
+            create_model(config.model, config.model_config, image_size=image_size, seed=args.seed)
+            if k == 0
+            else load_model(shard_dir(output, k - 1))
+        )
+        args.output_dir = str(directory / "trainer")
+        train_dataset = with_replay(train_sets[k], train_sets[:k], config.replay_fraction, seed=args.seed + k)
+        trainer = ShardTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            data_collator=collate,
+            compute_loss_func=loss,
+            callbacks=list(callbacks),
+            schedule_offset=offset,
+            schedule_total=schedule_total,
+        )
+        result = trainer.train()
+        steps = trainer.state.global_step
+        logits = trainer.predict(val_dataset).predictions
+        probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+        row, calibrator, _ = score_predictions(probs, validation, prevalence, pooling, seed=args.seed)
+        offset += steps
+        row = {
+            "shard": k,
+            "shard_path": entry["path"],
+            "global_step": offset,
+            "shard_steps": steps,
+            "train_loss": float(result.training_loss),
+            "train_slices": len(train_dataset),
+            **row,
+            "elapsed_s": round(time.time() - start, 1),
+        }
+        if is_main:
+            save_shard(trainer, directory, row, manifest, calibrator, pooling, config)
+            with open(output / METRICS_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        rows.append(row)
+        if best_row is None or row["weighted_log_loss"] < best_row["weighted_log_loss"] - config.min_delta:
+            best_row = row
+            if is_main:
+                point_best(output, k)
+        print(format_table([row]).splitlines()[-1], flush=True)
+        if k - best_row["shard"] >= config.patience:
+            print(f"early stopping: {config.patience} shard(s) without improvement on shard {best_row['shard']}")
+            break
+        args.output_dir = "unused"
+        del trainer, model
+    if is_main and best_row is not None:
+        write_summary(output, rows, best_row)
+    return rows
+
+
+def save_shard(trainer: Trainer, directory: Path, row: dict, manifest: dict, calibrator, pooling: PoolingConfig, config: TrainConfig) -> None:
+    """Weights, trainer state and vit_spine.json; vit_spine.json is written last and marks the shard done."""
+    trainer.save_model(str(directory))
+    trainer.state.save_to_json(str(directory / "trainer_state.json"))
+    meta = {
+        "format": 1,
+        "shard": row["shard"],
+        "metrics": row,
+        "preprocess": manifest["preprocess"],
+        "pooling": asdict(pooling),
+        "calibration": None if calibrator is None else calibrator.to_dict(),
+        "model": config.model,
+        "model_config": config.model_config,
+    }
+    tmp = directory / (CHECKPOINT_META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, directory / CHECKPOINT_META)
+    if not config.keep_trainer_checkpoints:
+        shutil.rmtree(directory / "trainer", ignore_errors=True)
+
+
+def write_summary(output: Path, rows: list[dict], best_row: dict) -> None:
+    summary = {
+        "best_shard": best_row["shard"],
+        "best_weighted_log_loss": best_row["weighted_log_loss"],
+        "baseline_weighted_log_loss": best_row["baseline_weighted_log_loss"],
+        "shards_trained": len(rows),
+        "global_step": max(r["global_step"] for r in rows),
+    }
+    (output / "all_results.json").write_text(json.dumps(summary, indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, pooling, args = parse_config(
+        TrainConfig,
+        argv,
+        prog="vit-spine train",
+        description=__doc__.split("\n")[0],
+        extra_types=(PoolingConfig, TrainingArguments),
+        defaults=training_defaults(),
+    )
+    rows = run_training(config, pooling, args)
+    if args.process_index == 0:
+        print()
+        print(format_table(rows))
+        print(f"\nmetrics: {Path(config.output) / METRICS_FILE}; best checkpoint: {Path(config.output) / 'best'}")
+    return 0
