@@ -1,0 +1,616 @@
+"""`vit-spine scan DATA_DIR --out FILE.parquet`: every DICOM header of a dataset into one slice table.
+
+One row per `.dcm` file under `train_images/` and `test_images/` (columns: `COLUMNS`, described in
+CONTRACTS.md). Headers are read in parallel processes; pixel data is not read. Each slice gets
+vertebra visibility (from the study's segmentation, else from an external per-slice table, else
+unknown) and per-vertebra fracture targets (see `fracture_targets`). Nothing is dropped: an
+unreadable file keeps its row with `problem` set, and every inconsistency of the dataset (labelled
+studies without images, folders without labels, duplicate slice numbers, a segmentation that does
+not fit its study, ...) is listed in a report that is printed and stored in the Parquet metadata
+under the key `vit_spine`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from vit_spine import VERTEBRAE
+from vit_spine.labels import read_bounding_boxes, read_test_table, read_train_labels, read_vertebrae_table
+
+IMAGE_SETS = ("train", "test")
+HEADER_COLUMNS = (
+    "z",
+    "transfer_syntax",
+    "rows",
+    "columns",
+    "pixel_spacing",
+    "slice_thickness",
+    "rescale_slope",
+    "rescale_intercept",
+    "bits_stored",
+    "pixel_representation",
+)
+VISIBLE_COLUMNS = tuple(f"visible_{v}" for v in VERTEBRAE)
+FRACTURE_COLUMNS = tuple(f"fracture_{v}" for v in VERTEBRAE)
+LABEL_COLUMNS = ("label_overall", *(f"label_{v}" for v in VERTEBRAE))
+COLUMNS = (
+    "StudyInstanceUID",
+    "slice_number",
+    "path",
+    "image_set",
+    *HEADER_COLUMNS,
+    "problem",
+    *VISIBLE_COLUMNS,
+    *FRACTURE_COLUMNS,
+    "visibility_source",
+    "fracture_source",
+    *LABEL_COLUMNS,
+    "fold",
+)
+METADATA_KEY = b"vit_spine"
+# slice_number of a file whose name is not `<int>.dcm` (its row also carries a problem).
+NO_SLICE_NUMBER = -1
+# Slices of a segmentation read at once: bounds memory to about 512 x 512 x 32 voxels.
+SEGMENTATION_SLAB = 32
+ISSUES_PRINTED = 30
+
+
+@dataclass
+class ScanConfig:
+    data_dir: str = field(
+        metadata={"help": "dataset root in the RSNA 2022 layout: train_images/, test_images/, train.csv, "
+                  "train_bounding_boxes.csv, segmentations/, test.csv (any of them may be missing)"}
+    )
+    out: str | None = field(
+        default=None, metadata={"help": "Parquet file to write the slice table to (required on the command line)"}
+    )
+    workers: int = field(
+        default_factory=lambda: os.cpu_count() or 1,
+        metadata={"help": "processes that read DICOM headers in parallel (default: all CPU cores; 1 = no subprocess)"},
+    )
+    vertebrae_table: str | None = field(
+        default=None,
+        metadata={"help": "per-slice vertebra table (Kaggle meta format StudyInstanceUID,Slice,C1..C7) giving "
+                  "visibility for studies without a segmentation"},
+    )
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    (config,) = parse_scan_config(argv)
+    if not config.out:
+        print("vit-spine scan: error: --out FILE.parquet is required", file=sys.stderr)
+        return 2
+    try:
+        scan(config.data_dir, config)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"vit-spine scan: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def parse_scan_config(argv: Sequence[str] | None) -> tuple[ScanConfig]:
+    from vit_spine.cli import parse_config
+
+    return parse_config(
+        ScanConfig,
+        argv,
+        prog="vit-spine scan",
+        description="Read every DICOM header of a dataset into the slice table (Parquet), with visibility "
+        "and fracture targets per slice and a report of everything that does not fit.",
+        positionals=("data_dir",),
+    )
+
+
+def scan(data_dir: str | Path, config: ScanConfig | None = None) -> pd.DataFrame:
+    """Build the slice table of `data_dir` (columns `COLUMNS`), print its report, write `config.out` if set.
+
+    The report (dict) is also in `df.attrs["vit_spine"]` as {"data_dir", "report"}, the same JSON that
+    goes into the Parquet metadata. `config.data_dir` is ignored here (the argument wins).
+    """
+    data_dir = Path(data_dir).resolve()
+    config = config or ScanConfig(data_dir=str(data_dir))
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: no such directory")
+    issues = Issues()
+    inputs = read_inputs(data_dir, config, issues)
+    files = find_dicom_files(data_dir, issues)
+    if not files:
+        raise ValueError(f"{data_dir}: no .dcm files under train_images/ or test_images/")
+    check_study_lists(files, inputs, issues)
+
+    headers = read_headers([f["path"] for f in files], config.workers, config.progress)
+    table = pd.DataFrame([{**f, **h} for f, h in zip(files, headers)])
+    mark_duplicate_slice_numbers(table, issues)
+    table["set_order"] = table["image_set"].map(IMAGE_SETS.index)  # train studies first
+    table = table.sort_values(["set_order", "StudyInstanceUID", "slice_number", "path"], ignore_index=True)
+
+    studies = [
+        label_study(data_dir, image_set, uid, group, inputs, issues)
+        for (image_set, uid), group in tqdm(
+            table.groupby(["image_set", "StudyInstanceUID"], sort=False),
+            desc="studies",
+            unit="study",
+            disable=not config.progress,
+        )
+    ]
+    df = pd.concat([s.rows for s in studies], ignore_index=True)[list(COLUMNS)]
+    report = build_report(df, studies, issues)
+    df.attrs["vit_spine"] = {"data_dir": str(data_dir), "report": report}
+    print(format_report(report, data_dir))
+    if config.out:
+        write_scan(df, config.out)
+        print(f"wrote {len(df)} slices to {config.out}")
+    return df
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass
+class Issues:
+    """Everything about the dataset that does not fit, as (study uid or "", kind, detail)."""
+
+    items: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, study: str, kind: str, detail: str) -> None:
+        self.items.append((study, kind, detail))
+
+    def of_study(self, study: str) -> list[str]:
+        return [f"{kind}: {detail}" for uid, kind, detail in self.items if uid == study]
+
+
+@dataclass
+class Inputs:
+    labels: pd.DataFrame | None
+    boxes: pd.DataFrame
+    test_table: pd.DataFrame | None
+    vertebrae: dict[str, pd.DataFrame]
+
+    def __post_init__(self) -> None:
+        self.boxes_by_study = {uid: g for uid, g in self.boxes.groupby("StudyInstanceUID")}
+        self.labels_by_study: dict[str, tuple[np.ndarray, float]] = {}
+        if self.labels is not None:
+            values = self.labels[["patient_overall", *VERTEBRAE]].to_numpy(dtype=float)
+            folds = self.labels["fold"].to_numpy(dtype=float) if "fold" in self.labels else np.full(len(values), np.nan)
+            self.labels_by_study = dict(zip(self.labels["StudyInstanceUID"], zip(values, folds)))
+
+
+def read_inputs(data_dir: Path, config: ScanConfig, issues: Issues) -> Inputs:
+    labels = boxes = test_table = None
+    if (data_dir / "train.csv").is_file():
+        labels = read_train_labels(data_dir / "train.csv")
+    elif (data_dir / "train_images").is_dir():
+        issues.add("", "no_train_csv", f"{data_dir / 'train.csv'} is missing: train studies are unlabeled")
+    if (data_dir / "train_bounding_boxes.csv").is_file():
+        boxes = read_bounding_boxes(data_dir / "train_bounding_boxes.csv")
+    elif labels is not None:
+        issues.add("", "no_boxes_csv", "train_bounding_boxes.csv is missing: positive studies use label x visibility")
+    if (data_dir / "test.csv").is_file():
+        test_table = read_test_table(data_dir / "test.csv")
+    vertebrae: dict[str, pd.DataFrame] = {}
+    if config.vertebrae_table:
+        table = read_vertebrae_table(config.vertebrae_table)
+        vertebrae = {uid: g.set_index("slice_number")[list(VERTEBRAE)] for uid, g in table.groupby("StudyInstanceUID")}
+    if boxes is None:
+        boxes = pd.DataFrame({"StudyInstanceUID": pd.Series(dtype=str), "slice_number": pd.Series(dtype="int64")})
+    return Inputs(labels=labels, boxes=boxes, test_table=test_table, vertebrae=vertebrae)
+
+
+def find_dicom_files(data_dir: Path, issues: Issues) -> list[dict[str, Any]]:
+    """Every `.dcm` file under `<set>_images/<uid>/` (any depth) as {StudyInstanceUID, image_set, path, slice_number}."""
+    files = []
+    for image_set in IMAGE_SETS:
+        root = data_dir / f"{image_set}_images"
+        if not root.is_dir():
+            continue
+        for entry in sorted(root.iterdir()):
+            if entry.is_file():
+                if entry.suffix.lower() == ".dcm":
+                    files.append(_file_entry("", image_set, entry))
+                    issues.add("", "outside_study_folder", f"{entry} is not inside a study folder")
+                else:
+                    issues.add("", "ignored_file", f"{entry} is not a .dcm file")
+                continue
+            found = sorted(p for p in entry.rglob("*") if p.is_file())
+            dicoms = [p for p in found if p.suffix.lower() == ".dcm"]
+            if len(dicoms) < len(found):
+                issues.add(entry.name, "ignored_files", f"{len(found) - len(dicoms)} file(s) in {entry} are not .dcm")
+            if not dicoms:
+                issues.add(entry.name, "empty_folder", f"{entry} has no .dcm file")
+            files += [_file_entry(entry.name, image_set, p) for p in dicoms]
+    return files
+
+
+def _file_entry(uid: str, image_set: str, path: Path) -> dict[str, Any]:
+    try:
+        slice_number = int(path.stem)
+    except ValueError:
+        slice_number = NO_SLICE_NUMBER
+    return {"StudyInstanceUID": uid, "image_set": image_set, "path": str(path.resolve()), "slice_number": slice_number}
+
+
+def check_study_lists(files: list[dict[str, Any]], inputs: Inputs, issues: Issues) -> None:
+    """Report labelled studies without images and image folders without labels."""
+    folders = {s: {f["StudyInstanceUID"] for f in files if f["image_set"] == s} - {""} for s in IMAGE_SETS}
+    if inputs.labels is not None:
+        labeled = set(inputs.labels["StudyInstanceUID"])
+        for uid in sorted(labeled - folders["train"]):
+            issues.add(uid, "missing_images", "listed in train.csv but has no .dcm under train_images/")
+        for uid in sorted(folders["train"] - labeled):
+            issues.add(uid, "unlabeled_folder", "train_images/ folder has no row in train.csv")
+    if inputs.test_table is not None:
+        listed = set(inputs.test_table["StudyInstanceUID"])
+        for uid in sorted(listed - folders["test"]):
+            issues.add(uid, "missing_images", "listed in test.csv but has no .dcm under test_images/")
+        for uid in sorted(folders["test"] - listed):
+            issues.add(uid, "unlisted_test_folder", "test_images/ folder is not listed in test.csv")
+    if inputs.vertebrae:
+        unknown = set(inputs.vertebrae) - folders["train"] - folders["test"]
+        if unknown:
+            issues.add("", "table_studies_without_images", f"{len(unknown)} study(ies) of the vertebrae table have no images")
+
+
+# ---------------------------------------------------------------- headers
+
+
+def read_headers(paths: list[str], workers: int, progress: bool = True) -> list[dict[str, Any]]:
+    """`read_header_row` of every path, in `workers` processes, in the order of `paths`."""
+    bar = {"total": len(paths), "desc": "headers", "unit": "file", "disable": not progress}
+    if workers <= 1 or len(paths) < 2:
+        return [read_header_row(p) for p in tqdm(paths, **bar)]
+    chunksize = max(1, min(256, len(paths) // (workers * 8)))
+    with ProcessPoolExecutor(max_workers=min(workers, len(paths))) as pool:
+        return list(tqdm(pool.map(read_header_row, paths, chunksize=chunksize), **bar))
+
+
+def read_header_row(path: str) -> dict[str, Any]:
+    """Header fields of one file for the table; on any failure NaN fields and `problem` = the reason."""
+    from vit_spine.dicom import read_header
+
+    row: dict[str, Any] = {column: np.nan for column in HEADER_COLUMNS}
+    row["transfer_syntax"] = None
+    row["header_study_uid"] = None
+    try:
+        header = read_header(path)
+    except Exception as error:  # noqa: BLE001 - one bad file is recorded on its row, never fatal
+        row["problem"] = _reason(error, path)
+        return row
+    for column in HEADER_COLUMNS:
+        value = getattr(header, column)
+        row[column] = (str(value) if value is not None else None) if column == "transfer_syntax" else _number(value)
+    row["header_study_uid"] = header.study_uid
+    row["problem"] = "" if np.isfinite(row["z"]) else "no ImagePositionPatient: z unknown"
+    return row
+
+
+def _reason(error: Exception, path: str) -> str:
+    text = str(error).replace(str(path), "").strip(" :-") or "no message"
+    return f"{type(error).__name__}: {text}"
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return np.nan
+
+
+def mark_duplicate_slice_numbers(table: pd.DataFrame, issues: Issues) -> None:
+    """Flag files of one study that share a slice number (e.g. `7.dcm` and `007.dcm`, or nested folders)."""
+    key = ["image_set", "StudyInstanceUID", "slice_number"]
+    valid = table["slice_number"] != NO_SLICE_NUMBER
+    duplicated = valid & table.duplicated(key, keep=False)
+    for (_, uid, number), group in table[duplicated].groupby(key):
+        issues.add(uid, "duplicate_slice_number", f"slice_number {number} is used by {len(group)} files")
+    table.loc[duplicated, "problem"] = [
+        _join(p, f"duplicate slice_number {n} in its study") for p, n in zip(table.loc[duplicated, "problem"], table.loc[duplicated, "slice_number"])
+    ]
+    bad_name = ~valid
+    table.loc[bad_name, "problem"] = [_join(p, "file name is not <slice_number>.dcm") for p in table.loc[bad_name, "problem"]]
+
+
+def _join(first: str, second: str) -> str:
+    return f"{first}; {second}" if first else second
+
+
+# ---------------------------------------------------------------- visibility and targets
+
+
+@dataclass
+class StudyResult:
+    rows: pd.DataFrame
+    summary: dict[str, Any]
+
+
+def label_study(data_dir: Path, image_set: str, uid: str, rows: pd.DataFrame, inputs: Inputs, issues: Issues) -> StudyResult:
+    """Visibility, fracture targets and study labels for the rows of one study (sorted by slice_number)."""
+    rows = rows.reset_index(drop=True)
+    check_header_uids(uid, rows, issues)
+    visible, sources = study_visibility(data_dir, uid, rows, inputs, issues)
+    study_labels, fold = inputs.labels_by_study.get(uid, (None, np.nan)) if image_set == "train" else (None, np.nan)
+    boxes = inputs.boxes_by_study.get(uid, inputs.boxes.iloc[:0]) if image_set == "train" else inputs.boxes.iloc[:0]
+    box_slices = None
+    if len(boxes):
+        box_slices = rows["slice_number"].isin(boxes["slice_number"]).to_numpy()
+        check_boxes(uid, rows, boxes, visible, box_slices, study_labels, issues)
+    fracture, fracture_source = fracture_targets(visible, study_labels, box_slices)
+
+    rows[list(VISIBLE_COLUMNS)] = visible
+    rows[list(FRACTURE_COLUMNS)] = fracture
+    rows["visibility_source"] = sources
+    rows["fracture_source"] = fracture_source
+    rows[list(LABEL_COLUMNS)] = np.tile(np.full(len(LABEL_COLUMNS), np.nan) if study_labels is None else study_labels, (len(rows), 1))
+    rows["fold"] = fold
+    summary = {
+        "StudyInstanceUID": uid,
+        "image_set": image_set,
+        "slices": len(rows),
+        "problems": int((rows["problem"] != "").sum()),
+        "labeled": study_labels is not None,
+        "box_slices": int(box_slices.sum()) if box_slices is not None else 0,
+        "visibility_source": dict(Counter(sources)),
+        "fracture_source": fracture_source,
+        "issues": issues.of_study(uid) if uid else [],
+    }
+    return StudyResult(rows=rows, summary=summary)
+
+
+def fracture_targets(
+    visible: np.ndarray, study_labels: np.ndarray | None, box_slices: np.ndarray | None
+) -> tuple[np.ndarray, str]:
+    """Per-slice fracture targets (n, 7) of one study and the rule that made them.
+
+    `visible` (n, 7): 1/0/NaN per slice and vertebra; `study_labels`: [patient_overall, C1..C7] from
+    train.csv, None for an unlabeled study; `box_slices` (n,) bool: which slices carry a bounding box,
+    None when the study has no boxes.
+
+    - unlabeled study (test images, or no row in train.csv): all NaN, "unknown";
+    - negative study (patient_overall 0): all 0, "negative" (even if it has boxes, which is reported);
+    - study with boxes, "boxes": on a box slice, fracture_Cv = 1 for every fractured vertebra of the
+      study (label Cv = 1) that is visible on that slice, and for every fractured vertebra when that
+      slice's visibility is unknown; 0 for the other vertebrae. A slice without a box is 0 for every
+      vertebra (the boxes mark every fractured slice);
+    - other positive study, "label_x_visibility": fracture_Cv = label Cv x visible_Cv, i.e. 0 where the
+      vertebra is not fractured, and NaN where it is fractured but its visibility is unknown.
+    """
+    n = len(visible)
+    if study_labels is None:
+        return np.full((n, len(VERTEBRAE)), np.nan), "unknown"
+    if study_labels[0] == 0:
+        return np.zeros((n, len(VERTEBRAE))), "negative"
+    fractured = np.asarray(study_labels[1:], dtype=float) == 1
+    if box_slices is not None:
+        on_box = np.where(np.isnan(visible), 1.0, visible) * fractured
+        return np.where(np.asarray(box_slices, dtype=bool)[:, None], on_box, 0.0), "boxes"
+    return np.where(fractured, visible, 0.0), "label_x_visibility"
+
+
+def study_visibility(
+    data_dir: Path, uid: str, rows: pd.DataFrame, inputs: Inputs, issues: Issues
+) -> tuple[np.ndarray, list[str]]:
+    """(n, 7) visibility and a per-row source: the segmentation if usable, else the table, else unknown.
+
+    An unusable segmentation (wrong slice count, unknown z direction, unreadable) is reported and
+    then counts as absent, so the external table still applies when it covers the study.
+    """
+    n = len(rows)
+    segmentation = _segmentation_path(data_dir, uid)
+    if segmentation is not None:
+        try:
+            return segmentation_visibility(segmentation, rows), ["segmentation"] * n
+        except SegmentationMismatch as error:
+            issues.add(uid, error.kind, str(error))
+        except Exception as error:  # noqa: BLE001 - a broken .nii is one study's problem, not the scan's
+            issues.add(uid, "segmentation_unreadable", f"{segmentation}: {type(error).__name__}: {error}")
+    table = inputs.vertebrae.get(uid)
+    if table is not None:
+        visible = table.reindex(rows["slice_number"].to_numpy()).to_numpy(dtype=float)
+        known = ~np.isnan(visible).any(axis=1)
+        if not known.all():
+            issues.add(uid, "partial_table", f"the vertebrae table covers {int(known.sum())} of {n} slices")
+        return visible, ["table" if k else "unknown" for k in known]
+    return np.full((n, len(VERTEBRAE)), np.nan), ["unknown"] * n
+
+
+class SegmentationMismatch(ValueError):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _segmentation_path(data_dir: Path, uid: str) -> Path | None:
+    for name in (f"{uid}.nii", f"{uid}.nii.gz"):
+        path = data_dir / "segmentations" / name
+        if uid and path.is_file():
+            return path
+    return None
+
+
+def segmentation_visibility(path: Path, rows: pd.DataFrame) -> np.ndarray:
+    """Visibility (n, 7) of the study's rows (sorted by slice_number) from its segmentation.
+
+    The segmentation's third axis runs along the slices sorted by slice_number, reversed when z
+    decreases with slice_number (DESIGN.md: mask = seg[:, ::-1, ::-1].transpose(2, 1, 0) then, else
+    seg[:, ::-1].transpose(2, 1, 0); the in-plane flips do not change which labels a slice holds).
+    Rows without a usable slice number stay NaN. Raises SegmentationMismatch when the slice counts
+    differ or the z direction cannot be told.
+    """
+    numbers = rows["slice_number"].to_numpy()
+    distinct = np.unique(numbers[numbers != NO_SLICE_NUMBER])
+    presence = segmentation_presence(path)
+    if len(presence) != len(distinct):
+        raise SegmentationMismatch(
+            "segmentation_mismatch",
+            f"{path.name} has {len(presence)} slices but the study has {len(distinct)}: visibility left unknown",
+        )
+    if len(distinct) > 1:
+        if z_decreases_with_slice_number(rows):
+            presence = presence[::-1]
+    visible = np.full((len(rows), len(VERTEBRAE)), np.nan)
+    valid = numbers != NO_SLICE_NUMBER
+    visible[valid] = presence[np.searchsorted(distinct, numbers[valid])]
+    return visible
+
+
+def z_decreases_with_slice_number(rows: pd.DataFrame) -> bool:
+    """Whether z falls from the lowest to the highest slice number (rows with a readable z only)."""
+    known = rows[np.isfinite(rows["z"].to_numpy(dtype=float)) & (rows["slice_number"] != NO_SLICE_NUMBER)]
+    known = known.sort_values("slice_number")
+    if len(known) < 2 or known["z"].iloc[0] == known["z"].iloc[-1]:
+        raise SegmentationMismatch("z_direction_unknown", "cannot tell whether z rises or falls with slice_number")
+    return bool(known["z"].iloc[-1] < known["z"].iloc[0])
+
+
+def segmentation_presence(path: Path) -> np.ndarray:
+    """(slices, 7) bool: whether label v (1..7 = C1..C7) occurs on each slice (third axis) of a NIfTI label map.
+
+    Reads the volume a slab at a time through nibabel's array proxy, so memory stays at one slab.
+    """
+    import nibabel
+
+    image = nibabel.load(path)
+    if len(image.shape) != 3:
+        raise SegmentationMismatch("segmentation_mismatch", f"{path.name} has shape {image.shape}, expected 3-D")
+    depth = image.shape[2]
+    presence = np.zeros((depth, len(VERTEBRAE)), dtype=bool)
+    for start in range(0, depth, SEGMENTATION_SLAB):
+        slab = np.asarray(image.dataobj[:, :, start : start + SEGMENTATION_SLAB])
+        if slab.dtype.kind == "f":
+            slab = np.rint(slab)
+        for index in range(len(VERTEBRAE)):
+            presence[start : start + slab.shape[2], index] = (slab == index + 1).any(axis=(0, 1))
+    return presence
+
+
+def check_header_uids(uid: str, rows: pd.DataFrame, issues: Issues) -> None:
+    header_uids = rows["header_study_uid"].dropna()
+    others = sorted(set(header_uids) - {uid})
+    if uid and others:
+        issues.add(uid, "uid_mismatch", f"{int((header_uids != uid).sum())} file(s) carry StudyInstanceUID {others[0]}")
+    z = rows.loc[rows["slice_number"] != NO_SLICE_NUMBER, "z"].dropna().to_numpy()
+    steps = np.diff(z)
+    if len(steps) and not ((steps > 0).all() or (steps < 0).all()):
+        issues.add(uid, "z_not_monotonic", "z does not rise or fall steadily with slice_number (repeated or shuffled)")
+
+
+def check_boxes(
+    uid: str,
+    rows: pd.DataFrame,
+    boxes: pd.DataFrame,
+    visible: np.ndarray,
+    box_slices: np.ndarray,
+    study_labels: np.ndarray | None,
+    issues: Issues,
+) -> None:
+    if study_labels is None:
+        issues.add(uid, "boxes_on_unlabeled_study", f"{len(boxes)} box(es) but no row in train.csv: ignored")
+        return
+    if study_labels[0] == 0:
+        issues.add(uid, "boxes_on_negative_study", f"{len(boxes)} box(es) but patient_overall is 0: targets are 0")
+        return
+    missing = sorted(set(boxes["slice_number"]) - set(rows["slice_number"]))
+    if missing:
+        issues.add(uid, "box_slices_missing", f"{len(missing)} boxed slice number(s) have no file, e.g. {missing[:5]}")
+    fractured = np.asarray(study_labels[1:]) == 1
+    shown = visible[box_slices][:, fractured]
+    empty = (~np.isnan(shown).any(axis=1)) & (np.nan_to_num(shown).sum(axis=1) == 0)
+    if empty.any():
+        issues.add(uid, "box_without_fractured_vertebra", f"{int(empty.sum())} box slice(s) show none of the fractured vertebrae")
+
+
+# ---------------------------------------------------------------- report and output
+
+
+def build_report(df: pd.DataFrame, studies: list[StudyResult], issues: Issues) -> dict[str, Any]:
+    problems = df[df["problem"] != ""]
+    return {
+        "studies": {s: int(df.loc[df["image_set"] == s, "StudyInstanceUID"].nunique()) for s in IMAGE_SETS},
+        "slices": {s: int((df["image_set"] == s).sum()) for s in IMAGE_SETS},
+        "problem_slices": len(problems),
+        "visibility_source": {k: int(v) for k, v in df["visibility_source"].value_counts().items()},
+        "fracture_source": {k: int(v) for k, v in df["fracture_source"].value_counts().items()},
+        "problems": [{"path": p, "reason": r} for p, r in zip(problems["path"], problems["problem"])],
+        "issues": [{"study": uid, "kind": kind, "detail": detail} for uid, kind, detail in issues.items],
+        "issue_counts": dict(Counter(kind for _, kind, _ in issues.items)),
+        "per_study": [s.summary for s in studies],
+    }
+
+
+def format_report(report: dict[str, Any], data_dir: Path) -> str:
+    """A compact table per image set, then the problems and issues (the first few of each)."""
+    per_study = pd.DataFrame(report["per_study"])
+    lines = [f"vit-spine scan {data_dir}"]
+    table = []
+    for image_set in IMAGE_SETS:
+        studies = per_study[per_study["image_set"] == image_set] if len(per_study) else per_study
+        if studies.empty:
+            continue
+        row: dict[str, Any] = {
+            "set": image_set,
+            "studies": len(studies),
+            "slices": int(studies["slices"].sum()),
+            "problems": int(studies["problems"].sum()),
+            "labeled": int(studies["labeled"].sum()),
+        }
+        visibility = Counter()
+        for counts in studies["visibility_source"]:
+            visibility.update(counts)
+        for source in ("segmentation", "table", "unknown"):
+            row[f"vis:{source}"] = visibility.get(source, 0)
+        fracture = studies["fracture_source"].value_counts()
+        for source in ("negative", "boxes", "label_x_visibility", "unknown"):
+            row[f"studies:{source}"] = int(fracture.get(source, 0))
+        table.append(row)
+    lines.append(pd.DataFrame(table).to_string(index=False))
+    lines.append("(vis:* count slices; studies:* count studies by fracture-target rule)")
+    for title, items in (
+        ("problem slices", [f"{p['path']}: {p['reason']}" for p in report["problems"]]),
+        ("issues", [f"{i['kind']:<30} {i['study'] or '-'}: {i['detail']}" for i in report["issues"]]),
+    ):
+        lines.append(f"{title}: {len(items)}")
+        lines += [f"  {item}" for item in items[:ISSUES_PRINTED]]
+        if len(items) > ISSUES_PRINTED:
+            lines.append(f"  ... and {len(items) - ISSUES_PRINTED} more (all in the Parquet metadata key 'vit_spine')")
+    return "\n".join(lines)
+
+
+def write_scan(df: pd.DataFrame, out: str | Path) -> None:
+    """Write the table to Parquet atomically, with `df.attrs["vit_spine"]` as JSON under metadata key `vit_spine`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df[list(COLUMNS)], preserve_index=False)
+    metadata = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
+    metadata[METADATA_KEY] = json.dumps(df.attrs.get("vit_spine", {})).encode()
+    partial = out.with_name(out.name + ".partial")
+    pq.write_table(table.replace_schema_metadata(metadata), partial)
+    partial.replace(out)
+
+
+def read_scan_metadata(path: str | Path) -> dict[str, Any]:
+    """The {"data_dir", "report"} JSON that `vit-spine scan` stored in a slice table."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{path}: no '{METADATA_KEY.decode()}' metadata; was it written by vit-spine scan?")
+    return json.loads(metadata[METADATA_KEY])
