@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -239,10 +240,7 @@ def find_dicom_files(data_dir: Path, issues: Issues) -> list[dict[str, Any]]:
 
 
 def _file_entry(uid: str, image_set: str, path: Path) -> dict[str, Any]:
-    try:
-        slice_number = int(path.stem)
-    except ValueError:
-        slice_number = NO_SLICE_NUMBER
+    slice_number = int(path.stem) if path.stem.isdigit() else NO_SLICE_NUMBER  # the rule of dicom.read_header
     return {"StudyInstanceUID": uid, "image_set": image_set, "path": str(path.resolve()), "slice_number": slice_number}
 
 
@@ -289,8 +287,12 @@ def read_header_row(path: str) -> dict[str, Any]:
     row["header_study_uid"] = None
     try:
         header = read_header(path)
+        problem = pixel_data_problem(path)
     except Exception as error:  # noqa: BLE001 - one bad file is recorded on its row, never fatal
-        row["problem"] = _reason(error, path)
+        row["problem"] = getattr(error, "reason", None) or f"{type(error).__name__}: {error}"
+        return row
+    if problem:
+        row["problem"] = problem
         return row
     for column in HEADER_COLUMNS:
         value = getattr(header, column)
@@ -300,9 +302,64 @@ def read_header_row(path: str) -> dict[str, Any]:
     return row
 
 
-def _reason(error: Exception, path: str) -> str:
-    text = str(error).replace(str(path), "").strip(" :-") or "no message"
-    return f"{type(error).__name__}: {text}"
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+_PIXEL_DATA = (0x7FE0, 0x0010)
+_ITEM, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def pixel_data_problem(path: str | Path) -> str:
+    """"" when the file holds its whole Pixel Data element, else what is wrong with it.
+
+    A header-only read cannot see a file cut short inside its pixel data (an interrupted copy), and
+    decoding every slice here would cost a full read of the dataset. So this walks element and item
+    headers only: a defined length must fit in the file; encapsulated fragments must fit and end
+    with the sequence delimiter. It relies on pydicom leaving the file at the Pixel Data tag after a
+    `stop_before_pixels` read; when it is elsewhere (or the dataset is deflated) nothing is checked.
+    """
+    import pydicom
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as fp:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+        if syntax == _DEFLATED:
+            return ""
+        endian = ">" if syntax == _EXPLICIT_BE else "<"
+        start = fp.tell()
+        head = fp.read(8)
+        if len(head) < 8:
+            return "no Pixel Data element (file truncated?)"
+        if struct.unpack(f"{endian}HH", head[:4]) != _PIXEL_DATA:
+            return ""
+        if syntax == _IMPLICIT_LE:
+            (length,), value_start = struct.unpack("<I", head[4:]), start + 8
+        elif head[4:6] in _LONG_LENGTH_VRS:
+            more = fp.read(4)
+            if len(more) < 4:
+                return "file truncated in the Pixel Data element header"
+            (length,), value_start = struct.unpack(f"{endian}I", more), start + 12
+        else:
+            (length,), value_start = struct.unpack(f"{endian}H", head[6:]), start + 8
+        if length != _UNDEFINED_LENGTH:
+            present = size - value_start
+            return "" if present >= length else f"file truncated: Pixel Data has {present} of its {length} bytes"
+        fp.seek(value_start)
+        while True:  # encapsulated (always little endian): items, then the sequence delimiter
+            item = fp.read(8)
+            if len(item) < 8:
+                return "file truncated: encapsulated Pixel Data ends without its sequence delimiter"
+            group, element, length = struct.unpack("<HHI", item)
+            if (group, element) == _SEQUENCE_END:
+                return ""
+            if (group, element) != _ITEM:
+                return f"corrupt encapsulated Pixel Data: tag ({group:04X},{element:04X}) where an item should be"
+            if fp.tell() + length > size:
+                return "file truncated inside an encapsulated Pixel Data fragment"
+            fp.seek(length, os.SEEK_CUR)
 
 
 def _number(value: Any) -> float:
