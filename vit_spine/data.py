@@ -1,0 +1,197 @@
+"""Reading shards written by `vit-spine chunk` as a torch Dataset, fast.
+
+`datasets` decodes an Array3D row by row into Python/numpy objects (about 4k img/s here, DESIGN.md
+pitfall 8). The shard's Arrow file is memory-mapped, and the uint8 pixels of each record batch are one
+contiguous buffer, so `ShardDataset` views them as numpy arrays (n, 3, S, S) without a copy and a batch
+is a fancy-indexed gather: memmap speed. Augmentation happens here, at read time, on whole batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+NUM_LABELS = 14  # fracture_C1..C7, visible_C1..C7
+NUM_STUDY_LABELS = 8  # patient_overall, C1..C7
+
+
+@dataclass
+class AugmentConfig:
+    """Light, label-preserving augmentation of axial slices.
+
+    A left/right mirror keeps every target (vertebra and fracture labels do not depend on the side);
+    an up/down mirror would swap front and back of the neck, which no scan shows, so there is none.
+    """
+
+    max_rotation: float = field(default=10.0, metadata={"help": "largest rotation, degrees (uniform +-)."})
+    max_shift: float = field(default=0.06, metadata={"help": "largest shift as a fraction of the image side."})
+    max_zoom: float = field(default=0.1, metadata={"help": "scale drawn uniformly from 1 +- this."})
+    flip_probability: float = field(default=0.5, metadata={"help": "probability of a left/right mirror."})
+    max_brightness: float = field(default=0.05, metadata={"help": "intensity offset (image range 0..1), +-."})
+    max_contrast: float = field(default=0.1, metadata={"help": "intensity gain drawn from 1 +- this."})
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """One shard (a `datasets` folder written by `vit-spine chunk`) as a torch Dataset.
+
+    Items: {"pixel_values": float32 (3, S, S) in [-1, 1] ((x/255 - 0.5) / 0.5), "labels": float32 (14,)
+    with NaN where a target is unknown}. `__getitems__` reads a whole batch at once (the DataLoader
+    uses it). Per-slice metadata as numpy arrays: `labels` (n, 14), `study_labels` (n, 8), `study_ids`,
+    `slice_numbers`, `zs`.
+    """
+
+    def __init__(self, path: str | Path, augment: bool = False, augment_config: AugmentConfig | None = None):
+        import datasets
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: no such shard folder")
+        dataset = datasets.load_from_disk(str(self.path))
+        table = dataset.data.table
+        missing = {"pixel_values", "labels", "study_labels", "StudyInstanceUID", "slice_number", "z"} - set(
+            table.column_names
+        )
+        if missing:
+            raise ValueError(f"{self.path}: not a vit-spine shard, missing column(s) {sorted(missing)}")
+        self.image_size = int(dataset.features["pixel_values"].shape[-1])
+        self._pixel_chunks = [pixel_view(chunk, self.path) for chunk in table.column("pixel_values").chunks]
+        self._chunk_starts = np.cumsum([0] + [len(c) for c in self._pixel_chunks])
+        self.labels = fixed_list_to_numpy(table.column("labels"), NUM_LABELS)
+        self.study_labels = fixed_list_to_numpy(table.column("study_labels"), NUM_STUDY_LABELS)
+        self.study_ids = np.asarray(table.column("StudyInstanceUID").to_pylist(), dtype=object)
+        self.slice_numbers = table.column("slice_number").to_numpy()
+        self.zs = table.column("z").to_numpy()
+        self.augment = augment
+        self.augment_config = augment_config or AugmentConfig()
+        self._dataset = dataset  # keeps the memory map open for the views
+
+    def __len__(self) -> int:
+        return int(self._chunk_starts[-1])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices) -> list[dict[str, torch.Tensor]]:
+        pixels = torch.from_numpy(self.read_uint8(indices))
+        if self.augment:
+            images = augment_batch(pixels.float().div_(255.0), self.augment_config)
+            values = images.sub_(0.5).div_(0.5)
+        else:
+            values = normalize(pixels)
+        labels = torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)])
+        return [{"pixel_values": v, "labels": y} for v, y in zip(values, labels)]
+
+    def read_uint8(self, indices) -> np.ndarray:
+        """The stored pixels of `indices` as one uint8 array (len(indices), 3, S, S)."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if indices.size and (indices.min() < -n or indices.max() >= n):
+            raise IndexError(f"index out of range for a shard of {n} slices")
+        indices = np.where(indices < 0, indices + n, indices)
+        chunk_of = np.searchsorted(self._chunk_starts, indices, side="right") - 1
+        local = indices - self._chunk_starts[chunk_of]
+        size = self.image_size
+        out = np.empty((len(indices), 3, size, size), np.uint8)
+        for c in np.unique(chunk_of):
+            rows = np.nonzero(chunk_of == c)[0]
+            out[rows] = self._pixel_chunks[c][local[rows]]
+        return out
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 (x/255 - 0.5) / 0.5."""
+    return pixels.float().mul_(2.0 / 255.0).sub_(1.0)
+
+
+def pixel_view(chunk: pa.Array, path: Path) -> np.ndarray:
+    """Zero-copy uint8 (rows, 3, S, S) view of one Arrow chunk of an Array3D column."""
+    storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+    values = storage
+    depth = 0
+    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_fixed_size_list(
+        values.type
+    ):
+        if values.null_count:
+            raise ValueError(f"{path}: pixel_values has missing rows")
+        values = values.flatten()
+        depth += 1
+    if depth != 3 or values.type != pa.uint8():
+        raise ValueError(f"{path}: pixel_values is not a 3-D uint8 array column ({chunk.type})")
+    flat = values.to_numpy(zero_copy_only=True)
+    rows = len(chunk)
+    if rows and flat.size % rows:
+        raise ValueError(f"{path}: pixel_values rows have different sizes")
+    side = math.isqrt(flat.size // max(rows, 1) // 3)
+    return flat.reshape(rows, 3, side, side)
+
+
+def fixed_list_to_numpy(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    """A list<float32> column of fixed length `width` -> float32 (n, width)."""
+    flat = np.concatenate([chunk.flatten().to_numpy(zero_copy_only=False) for chunk in column.chunks] or [np.empty(0)])
+    return flat.astype(np.float32, copy=False).reshape(-1, width)
+
+
+def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random affine (rotation, zoom, shift), left/right mirror and intensity jitter of float (b, 3, S, S) in [0, 1].
+
+    Draws from torch's global RNG unless `generator` is given (the DataLoader seeds it per worker).
+    Areas moved into view are black (air).
+    """
+    b = images.shape[0]
+    if b == 0:
+        return images
+
+    def uniform(scale: float) -> torch.Tensor:
+        return (torch.rand(b, generator=generator) * 2 - 1) * scale
+
+    angle = uniform(math.radians(config.max_rotation))
+    zoom = 1 + uniform(config.max_zoom)
+    shift_x, shift_y = uniform(2 * config.max_shift), uniform(2 * config.max_shift)  # grid units span 2
+    flip = torch.where(torch.rand(b, generator=generator) < config.flip_probability, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, shift_x], 1), torch.stack([sin * flip, cos, shift_y], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    moved = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    gain = (1 + uniform(config.max_contrast)).view(b, 1, 1, 1)
+    offset = uniform(config.max_brightness).view(b, 1, 1, 1)
+    return moved.sub_(0.5).mul_(gain).add_(0.5 + offset).clamp_(0.0, 1.0)
+
+
+def positive_slices(labels: np.ndarray) -> np.ndarray:
+    """Boolean (n,): a slice shows at least one fractured vertebra (unknown targets count as not)."""
+    return np.nan_to_num(labels[:, :7], nan=0.0).max(axis=1) > 0.5
+
+
+def balanced_sampler(
+    dataset: ShardDataset,
+    positive_fraction: float = 0.5,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.utils.data.WeightedRandomSampler:
+    """A sampler that draws fracture-positive slices with probability `positive_fraction` (with replacement).
+
+    Positive slices are rare (a few % of all slices); drawing them more often gives the model enough of
+    them per shard. `num_samples` defaults to len(dataset). A shard without positives is sampled uniformly.
+    """
+    if not 0.0 < positive_fraction < 1.0:
+        raise ValueError(f"positive_fraction must be in (0, 1), got {positive_fraction}")
+    positive = positive_slices(dataset.labels)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        weights = np.ones(len(positive))
+    else:
+        weights = np.where(positive, positive_fraction / n_pos, (1 - positive_fraction) / n_neg)
+    return torch.utils.data.WeightedRandomSampler(
+        torch.as_tensor(weights, dtype=torch.double),
+        num_samples=num_samples or len(positive),
+        replacement=True,
+        generator=generator,
+    )
