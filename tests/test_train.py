@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
 from vit_spine import train
+from vit_spine.chunk import FORMAT, SHARD_META
 from vit_spine.evaluation import PoolingConfig
 from vit_spine.model import IGNORE_INDEX, MaskedBCELoss
 
@@ -52,6 +53,7 @@ def write_toy_shard(path: Path, studies: list[str], rng: np.random.Generator, sl
             rows["slice_number"].append(n + 1)
             rows["z"].append(float(n))
     datasets.Dataset.from_dict(rows, features=FEATURES).save_to_disk(str(path))
+    (path / SHARD_META).write_text(json.dumps({"num_slices": len(studies) * slices, "problems": []}))
     return {"path": path.name, "num_slices": len(studies) * slices, "studies": studies}
 
 
@@ -64,7 +66,7 @@ def toy_chunks(tmp_path_factory) -> Path:
         entry = write_toy_shard(root / f"shard_{k:05d}", [f"1.2.3.{k}.{i}" for i in range(6)], rng)
         shards.append({**entry, "split": "train"})
     shards.append({**write_toy_shard(root / "val_00000", [f"1.2.3.9.{i}" for i in range(10)], rng), "split": "val"})
-    manifest = {"format": 1, "preprocess": {"image_size": SIZE}, "shards": shards, "problems": []}
+    manifest = {"format": FORMAT, "preprocess": {"image_size": SIZE}, "shards": shards, "problems": []}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -81,7 +83,7 @@ def make_args(**overrides) -> TrainingArguments:
 def run(chunks: Path, output: Path, callbacks=(), pooling=None, **config) -> list[dict]:
     args_overrides = config.pop("args", {})
     cfg = train.TrainConfig(chunks=str(chunks), output=str(output), model_config="tiny", augment=False, **config)
-    return train.run_training(cfg, pooling or PoolingConfig(calibration_folds=2), make_args(**args_overrides), callbacks)
+    return train.run_training(cfg, pooling or PoolingConfig(calibration_folds=2), make_args(**args_overrides), callbacks).rows
 
 
 class StartWeights(TrainerCallback):

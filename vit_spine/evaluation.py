@@ -118,3 +118,93 @@ def format_table(rows: list[dict]) -> str:
             f"{'      n/a' if not vert else f'{np.mean(vert):10.3f}'}"
         )
     return "\n".join(lines)
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = field(metadata={"help": "a shard checkpoint folder, or a run folder (then its `best`)."})
+    chunks: str | None = field(
+        default=None,
+        metadata={"help": "chunks folder whose validation shard(s) to score (default: the run's own, from run_config.json)."},
+    )
+    out: str | None = field(default=None, metadata={"help": "write the metrics as JSON here (default CHECKPOINT/eval_results.json)."})
+    batch_size: int = field(default=64, metadata={"help": "slices per forward pass."})
+    seed: int = field(default=42, metadata={"help": "seed of the cross-fitted calibration folds (training uses its --seed)."})
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A shard checkpoint folder; a run folder stands for its `best` shard."""
+    path = Path(path)
+    if (path / CHECKPOINT_META).is_file():
+        return path
+    if (path / "best" / CHECKPOINT_META).is_file():
+        return (path / "best").resolve()
+    raise FileNotFoundError(f"{path} is neither a vit-spine checkpoint ({CHECKPOINT_META}) nor a run folder with a `best` checkpoint")
+
+
+def default_chunks(checkpoint: Path) -> Path:
+    run_config = checkpoint.parent / "run_config.json"
+    if not run_config.is_file():
+        raise FileNotFoundError(f"{run_config} not found: pass --chunks DIR")
+    return Path(json.loads(run_config.read_text())["chunks"])
+
+
+def predict_slices(model, dataset, batch_size: int) -> np.ndarray:
+    """Sigmoid probabilities (n, 14) for every slice of `dataset`, in order (all processes get all rows)."""
+    from transformers import Trainer, TrainingArguments
+
+    from vit_spine.train import collate
+
+    args = TrainingArguments(
+        output_dir="unused",
+        per_device_eval_batch_size=batch_size,
+        report_to="none",
+        remove_unused_columns=False,
+        bf16=False,
+        disable_tqdm=False,
+    )
+    if args.device.type == "cuda" and __import__("torch").cuda.is_bf16_supported():
+        args.bf16_full_eval = True
+    trainer = Trainer(model=model, args=args, data_collator=collate)
+    logits = trainer.predict(dataset).predictions
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
+def evaluate_checkpoint(config: EvaluateConfig) -> dict:
+    from vit_spine import chunk as chunking
+    from vit_spine.data import ShardDataset
+    from vit_spine.model import load_model
+    from vit_spine.train import load_validation
+
+    checkpoint = resolve_checkpoint(config.checkpoint)
+    meta = read_checkpoint_meta(checkpoint)
+    chunks = Path(config.chunks) if config.chunks else default_chunks(checkpoint)
+    manifest = chunking.load_manifest(chunks)
+    if manifest["preprocess"] != meta["preprocess"]:
+        raise ValueError(f"{chunks} was preprocessed differently from what {checkpoint} was trained on")
+    val_dataset, validation = load_validation(chunks, manifest)
+    train_sets = [ShardDataset(chunks / e["path"]) for e in chunking.train_shards(manifest)]
+    prevalence = train_prevalence(
+        np.concatenate([s.study_labels for s in train_sets]), np.concatenate([s.study_ids for s in train_sets])
+    )
+    probs = predict_slices(load_model(checkpoint), val_dataset, config.batch_size)
+    pooling = PoolingConfig(**meta.get("pooling", {}))
+    row, _, _ = score_predictions(probs, validation, prevalence, pooling, seed=config.seed)
+    return {"checkpoint": str(checkpoint), "chunks": str(chunks), "shard": meta.get("shard"), **row}
+
+
+def main(argv=None) -> int:
+    from accelerate import PartialState
+
+    from vit_spine.cli import parse_config
+
+    (config,) = parse_config(
+        EvaluateConfig, argv, prog="vit-spine evaluate", description=__doc__.split("\n")[0], positionals=("checkpoint",)
+    )
+    result = evaluate_checkpoint(config)
+    if PartialState().is_main_process:
+        out = Path(config.out) if config.out else Path(result["checkpoint"]) / "eval_results.json"
+        out.write_text(json.dumps(result, indent=2))
+        print(format_table([result]))
+        print(f"\nwritten to {out}")
+    return 0

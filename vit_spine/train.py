@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,9 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import ConcatDataset, Dataset, Subset
+from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
+from transformers.trainer_utils import get_last_checkpoint
 
 from vit_spine import chunk as chunking
 from vit_spine.cli import parse_config
@@ -218,111 +221,228 @@ def point_best(output: Path, index: int) -> None:
     os.replace(tmp, link)
 
 
-def run_training(
-    config: TrainConfig,
-    pooling: PoolingConfig,
-    args: TrainingArguments,
-    callbacks: Sequence[TrainerCallback] = (),
-) -> list[dict]:
-    """Train shard after shard; returns the metrics rows of every shard trained so far."""
+class StopRequest(TrainerCallback):
+    """Turns SIGTERM / Ctrl-C into "save a checkpoint and stop" at the end of the current step.
+
+    Every process must stop at the same step under DDP, so the flag is all-reduced each step.
+    A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint and stopping after this step", flush=True)
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor(int(self.requested), device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.agreed(args.device):
+            self.requested = True
+            control.should_save = True
+            control.should_training_stop = True
+
+
+@dataclass
+class RunResult:
+    rows: list[dict]  # one per finished shard, including shards finished by earlier invocations
+    best_shard: int | None
+    interrupted: bool  # stopped by a signal; run the same command again to continue
+
+
+@dataclass
+class Run:
+    """What every shard of one run shares."""
+
+    config: TrainConfig
+    pooling: PoolingConfig
+    args: TrainingArguments
+    manifest: dict
+    train_sets: list[ShardDataset]
+    val_dataset: Dataset
+    validation: ValidationSet
+    prevalence: np.ndarray
+    loss: MaskedBCELoss
+    schedule_total: int
+    state: PartialState
+
+    @property
+    def output(self) -> Path:
+        return Path(self.config.output)
+
+
+def prepare_run(config: TrainConfig, pooling: PoolingConfig, args: TrainingArguments) -> Run:
     chunks, output = Path(config.chunks), Path(config.output)
     manifest = chunking.load_manifest(chunks)
     image_size = int(manifest["preprocess"]["image_size"])
-    train_entries = chunking.train_shards(manifest)
-    if config.max_shards is not None:
-        train_entries = train_entries[: config.max_shards]
-    if not train_entries:
+    entries = chunking.train_shards(manifest)[: config.max_shards]
+    if not entries:
         raise ValueError(f"{chunks / 'manifest.json'} lists no training shard")
-    missing = [e["path"] for e in train_entries if not (chunks / e["path"]).is_dir()]
+    missing = [e["path"] for e in [*entries, *chunking.val_shards(manifest)] if not e["complete"]]
     if missing:
-        raise FileNotFoundError(f"shards listed in {chunks / 'manifest.json'} are not written yet: {', '.join(missing)}")
+        raise FileNotFoundError(
+            f"shards listed in {chunks / 'manifest.json'} are not written yet: {', '.join(missing)}; finish `vit-spine chunk` first"
+        )
 
-    run_identity = {
+    state = PartialState()
+    identity = {
         "chunks": str(chunks.resolve()),
         "model": config.model,
         "model_config": config.model_config,
         "image_size": image_size,
         "preprocess": manifest["preprocess"],
     }
-    is_main = args.process_index == 0
-    check_run_config(output, run_identity)
-    if is_main:
+    check_run_config(output, identity)
+    if state.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
-        (output / RUN_CONFIG_FILE).write_text(json.dumps(run_identity, indent=2))
+        (output / RUN_CONFIG_FILE).write_text(json.dumps(identity, indent=2))
+    state.wait_for_everyone()
 
-    train_sets = [ShardDataset(chunks / e["path"], augment=config.augment) for e in train_entries]
+    train_sets = [ShardDataset(chunks / e["path"], augment=config.augment) for e in entries]
     val_dataset, validation = load_validation(chunks, manifest)
     prevalence, positive_rate = training_statistics(train_sets)
-    loss = MaskedBCELoss(fracture_pos_weight(positive_rate, config.fracture_pos_weight_max))
-
     sizes = [len(s) + int(round(config.replay_fraction * len(s))) * (k > 0) for k, s in enumerate(train_sets)]
-    schedule_total = sum(update_steps(n, args) for n in sizes)
+    return Run(
+        config=config,
+        pooling=pooling,
+        args=args,
+        manifest=manifest,
+        train_sets=train_sets,
+        val_dataset=val_dataset,
+        validation=validation,
+        prevalence=prevalence,
+        loss=MaskedBCELoss(fracture_pos_weight(positive_rate, config.fracture_pos_weight_max)),
+        schedule_total=sum(update_steps(n, args) for n in sizes),
+        state=state,
+    )
 
-    rows = read_metrics(output)
-    done = {row["shard"] for row in rows}
-    best_row = min(rows, key=lambda r: r["weighted_log_loss"], default=None)
-    offset = max((r["global_step"] for r in rows), default=0)
-    for k, entry in enumerate(train_entries):
-        directory = shard_dir(output, k)
-        if k in done and (directory / CHECKPOINT_META).exists():
-            continue
-        if best_row is not None and k - best_row["shard"] > config.patience:
-            break
-        start = time.time()
-        model = (
-            create_model(config.model, config.model_config, image_size=image_size, seed=args.seed)
-            if k == 0
-            else load_model(shard_dir(output, k - 1))
+
+def starting_model(run: Run, k: int, resume_from: str | None):
+    if resume_from is not None:
+        # from_pretrained restores the renamed ViT weights; the Trainer then restores optimizer,
+        # scheduler, RNG and data position from the same checkpoint (DESIGN.md pitfall 1).
+        return load_model(resume_from)
+    if k == 0:
+        image_size = int(run.manifest["preprocess"]["image_size"])
+        return create_model(run.config.model, run.config.model_config, image_size=image_size, seed=run.args.seed)
+    return load_model(shard_dir(run.output, k - 1))
+
+
+def train_shard(run: Run, k: int, offset: int, stop: StopRequest, callbacks: Sequence[TrainerCallback]) -> dict | None:
+    """Train, score and save shard k. Returns its metrics row, or None when stopped by a signal."""
+    start = time.time()
+    args = run.args
+    args.output_dir = str(shard_dir(run.output, k) / "trainer")
+    resume_from = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if resume_from is not None:
+        print(f"shard {k}: resuming from {resume_from}", flush=True)
+    train_dataset = with_replay(run.train_sets[k], run.train_sets[:k], run.config.replay_fraction, seed=args.seed + k)
+    trainer = ShardTrainer(
+        model=starting_model(run, k, resume_from),
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=collate,
+        compute_loss_func=run.loss,
+        callbacks=[stop, *callbacks],
+        schedule_offset=offset,
+        schedule_total=run.schedule_total,
+    )
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    if stop.requested:
+        print(
+            f"stopped in shard {k} at step {trainer.state.global_step}; checkpoint in {args.output_dir}. "
+            "Run the same command again (or ./run.sh resume ...) to continue.",
+            flush=True,
         )
-        args.output_dir = str(directory / "trainer")
-        train_dataset = with_replay(train_sets[k], train_sets[:k], config.replay_fraction, seed=args.seed + k)
-        trainer = ShardTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            data_collator=collate,
-            compute_loss_func=loss,
-            callbacks=list(callbacks),
-            schedule_offset=offset,
-            schedule_total=schedule_total,
-        )
-        result = trainer.train()
-        steps = trainer.state.global_step
-        logits = trainer.predict(val_dataset).predictions
-        probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
-        row, calibrator, _ = score_predictions(probs, validation, prevalence, pooling, seed=args.seed)
-        offset += steps
-        row = {
-            "shard": k,
-            "shard_path": entry["path"],
-            "global_step": offset,
-            "shard_steps": steps,
-            "train_loss": float(result.training_loss),
-            "train_slices": len(train_dataset),
-            **row,
-            "elapsed_s": round(time.time() - start, 1),
-        }
-        if is_main:
-            save_shard(trainer, directory, row, manifest, calibrator, pooling, config)
-            with open(output / METRICS_FILE, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        rows.append(row)
-        if best_row is None or row["weighted_log_loss"] < best_row["weighted_log_loss"] - config.min_delta:
-            best_row = row
-            if is_main:
-                point_best(output, k)
-        print(format_table([row]).splitlines()[-1], flush=True)
-        if k - best_row["shard"] >= config.patience:
-            print(f"early stopping: {config.patience} shard(s) without improvement on shard {best_row['shard']}")
-            break
-        args.output_dir = "unused"
-        del trainer, model
-    if is_main and best_row is not None:
-        write_summary(output, rows, best_row)
-    return rows
+        return None
+    logits = trainer.predict(run.val_dataset).predictions
+    probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    scores, calibrator, _ = score_predictions(probs, run.validation, run.prevalence, run.pooling, seed=args.seed)
+    steps = trainer.state.global_step
+    row = {
+        "shard": k,
+        "shard_path": chunking.train_shards(run.manifest)[k]["path"],
+        "global_step": offset + steps,
+        "shard_steps": steps,
+        "world_size": args.world_size,
+        "train_loss": float(result.training_loss),
+        "train_slices": len(train_dataset),
+        **scores,
+        "elapsed_s": round(time.time() - start, 1),
+    }
+    if run.state.is_main_process:
+        save_shard(trainer, shard_dir(run.output, k), row, run, calibrator)
+        with open(run.output / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    # the next shard loads this one's weights on every process
+    run.state.wait_for_everyone()
+    return row
 
 
-def save_shard(trainer: Trainer, directory: Path, row: dict, manifest: dict, calibrator, pooling: PoolingConfig, config: TrainConfig) -> None:
+def run_training(
+    config: TrainConfig,
+    pooling: PoolingConfig,
+    args: TrainingArguments,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> RunResult:
+    """Train shard after shard, continuing a run folder where an earlier invocation stopped."""
+    run = prepare_run(config, pooling, args)
+    rows = read_metrics(run.output)
+    done = {row["shard"] for row in rows if (shard_dir(run.output, row["shard"]) / CHECKPOINT_META).exists()}
+    rows = [row for row in rows if row["shard"] in done]
+    best = min(rows, key=lambda r: r["weighted_log_loss"], default=None)
+    stop = StopRequest()
+    stop.install()
+    interrupted = False
+    try:
+        for k in range(len(run.train_sets)):
+            if best is not None and max(done, default=-1) - best["shard"] >= config.patience:
+                break  # early-stopped (in this invocation or an earlier one)
+            if k in done:
+                continue
+            if stop.requested:
+                interrupted = True
+                print("stopped between shards; run the same command again to continue.", flush=True)
+                break
+            offset = max((r["global_step"] for r in rows), default=0)
+            row = train_shard(run, k, offset, stop, callbacks)
+            if row is None:
+                interrupted = True
+                break
+            rows.append(row)
+            done.add(k)
+            if best is None or row["weighted_log_loss"] < best["weighted_log_loss"] - config.min_delta:
+                best = row
+                if run.state.is_main_process:
+                    point_best(run.output, k)
+            print(format_table([row]).splitlines()[-1], flush=True)
+            if k - best["shard"] >= config.patience:
+                print(f"early stopping: {config.patience} shard(s) without improvement since shard {best['shard']}")
+    finally:
+        stop.uninstall()
+    if run.state.is_main_process and best is not None:
+        write_summary(run.output, rows, best)
+    return RunResult(rows=rows, best_shard=None if best is None else best["shard"], interrupted=interrupted)
+
+
+def save_shard(trainer: Trainer, directory: Path, row: dict, run: Run, calibrator) -> None:
     """Weights, trainer state and vit_spine.json; vit_spine.json is written last and marks the shard done."""
     trainer.save_model(str(directory))
     trainer.state.save_to_json(str(directory / "trainer_state.json"))
@@ -330,16 +450,16 @@ def save_shard(trainer: Trainer, directory: Path, row: dict, manifest: dict, cal
         "format": 1,
         "shard": row["shard"],
         "metrics": row,
-        "preprocess": manifest["preprocess"],
-        "pooling": asdict(pooling),
+        "preprocess": run.manifest["preprocess"],
+        "pooling": asdict(run.pooling),
         "calibration": None if calibrator is None else calibrator.to_dict(),
-        "model": config.model,
-        "model_config": config.model_config,
+        "model": run.config.model,
+        "model_config": run.config.model_config,
     }
     tmp = directory / (CHECKPOINT_META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, directory / CHECKPOINT_META)
-    if not config.keep_trainer_checkpoints:
+    if not run.config.keep_trainer_checkpoints:
         shutil.rmtree(directory / "trainer", ignore_errors=True)
 
 
@@ -363,9 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_types=(PoolingConfig, TrainingArguments),
         defaults=training_defaults(),
     )
-    rows = run_training(config, pooling, args)
-    if args.process_index == 0:
+    result = run_training(config, pooling, args)
+    if PartialState().is_main_process:
         print()
-        print(format_table(rows))
+        print(format_table(result.rows))
         print(f"\nmetrics: {Path(config.output) / METRICS_FILE}; best checkpoint: {Path(config.output) / 'best'}")
-    return 0
+    return 130 if result.interrupted else 0
