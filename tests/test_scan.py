@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 
 from vit_spine import VERTEBRAE
@@ -149,3 +150,241 @@ def test_segmentation_presence_across_slabs_and_float_maps(tmp_path):
     np.testing.assert_array_equal(segmentation_presence(tmp_path / "s.nii"), expected)
     nibabel.save(nibabel.Nifti1Image(seg.astype(np.float32), np.eye(4)), tmp_path / "f.nii.gz")
     np.testing.assert_array_equal(segmentation_presence(tmp_path / "f.nii.gz"), expected)
+
+
+# ---------------------------------------------------------------- end to end on the synthetic dataset
+
+MISSING_UID = "1.2.826.0.1.3680043.999001"  # in train.csv, no images
+UNLABELED_UID = "1.2.826.0.1.3680043.999002"  # images, no row in train.csv
+VISIBLE_GT = [f"{c}_gt" for c in VISIBLE_COLUMNS]
+FRACTURE_GT = [f"{c}_gt" for c in FRACTURE_COLUMNS]
+
+
+@dataclass
+class Damaged:
+    """A copy of the synthetic dataset with known defects planted in it."""
+
+    root: Path
+    truth: pd.DataFrame  # ground_truth.csv, plus column z_decreasing
+    labels: pd.DataFrame  # train.csv as the generator wrote it
+    boxed: set[str]
+    segmented: set[str]  # studies whose segmentation is intact
+    wrong_segmentation: str  # study whose segmentation lost a slice
+    extra_files_study: str  # study (no segmentation) that got a corrupt and a truncated file
+    corrupt: Path
+    truncated: Path
+    duplicate_study: str
+    duplicates: tuple[Path, Path]
+    vertebrae_table: Path
+
+
+@pytest.fixture(scope="module")
+def damaged(synth_data: Path, tmp_path_factory) -> Damaged:
+    root = tmp_path_factory.mktemp("scan") / "data"
+    shutil.copytree(synth_data, root)
+    truth = pd.read_csv(root / "ground_truth.csv", dtype={"StudyInstanceUID": str})
+    ends = truth.sort_values("slice_number").groupby("StudyInstanceUID")["z"].agg(["first", "last"])
+    truth["z_decreasing"] = truth["StudyInstanceUID"].map(ends["last"] < ends["first"])
+    labels = pd.read_csv(root / "train.csv", dtype={"StudyInstanceUID": str})
+    boxed = set(pd.read_csv(root / "train_bounding_boxes.csv", dtype={"StudyInstanceUID": str})["StudyInstanceUID"])
+    segmented = sorted(p.name.removesuffix(".nii") for p in (root / "segmentations").glob("*.nii"))
+    plain = sorted(set(labels["StudyInstanceUID"]) - set(segmented))
+    assert len(segmented) >= 3 and plain, "synth_data needs 3+ segmented and 1+ unsegmented train studies"
+
+    # the segmentation of one study loses its last slice
+    wrong = segmented[-1]
+    image = nibabel.load(root / "segmentations" / f"{wrong}.nii", mmap=False)
+    shorter = np.array(image.dataobj[:, :, :-1])
+    nibabel.save(nibabel.Nifti1Image(shorter, image.affine), root / "segmentations" / f"{wrong}.nii")
+    # a file of random bytes and a copy cut short inside its pixel data
+    folder = root / "train_images" / plain[0]
+    corrupt, truncated = folder / "9001.dcm", folder / "9002.dcm"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(3000))
+    whole = (folder / "5.dcm").read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 2])
+    # the same slice number twice ("3" and "003") in a segmented study
+    duplicate_study = segmented[0]
+    original = root / "train_images" / duplicate_study / "3.dcm"
+    duplicate = original.with_name("003.dcm")
+    shutil.copy(original, duplicate)
+    # a labelled study without images, and images without labels
+    with open(root / "train.csv", "a") as f:
+        f.write(f"{MISSING_UID},0,0,0,0,0,0,0,0,0\n")
+    test_uid = truth.loc[truth["split"] == "test", "StudyInstanceUID"].iloc[0]
+    shutil.copytree(root / "test_images" / test_uid, root / "train_images" / UNLABELED_UID)
+    # the per-slice vertebra table (Kaggle format) of every study, from the generator's truth
+    table = truth[["StudyInstanceUID", "slice_number", *VISIBLE_COLUMNS]]
+    table = table.rename(columns={"slice_number": "Slice", **{f"visible_{v}": v for v in VERTEBRAE}})
+    table.to_csv(root / "vertebrae.csv", index=False)
+    return Damaged(
+        root=root, truth=truth, labels=labels, boxed=boxed, segmented=set(segmented) - {wrong},
+        wrong_segmentation=wrong, extra_files_study=plain[0], corrupt=corrupt, truncated=truncated,
+        duplicate_study=duplicate_study, duplicates=(original, duplicate), vertebrae_table=root / "vertebrae.csv",
+    )
+
+
+@dataclass
+class Scanned:
+    df: pd.DataFrame
+    metadata: dict
+    printed: str
+
+
+@pytest.fixture(scope="module")
+def with_table(damaged: Damaged, tmp_path_factory) -> Scanned:
+    """The command line, in process, with two worker processes and the vertebra table."""
+    out = tmp_path_factory.mktemp("out") / "slices.parquet"
+    argv = [str(damaged.root), "--out", str(out), "--workers", "2", "--vertebrae-table", str(damaged.vertebrae_table)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    return Scanned(pd.read_parquet(out), read_scan_metadata(out), printed.getvalue())
+
+
+@pytest.fixture(scope="module")
+def without_table(damaged: Damaged) -> Scanned:
+    df = scan(damaged.root, ScanConfig(data_dir=str(damaged.root), workers=1, progress=False))
+    return Scanned(df, df.attrs["vit_spine"], "")
+
+
+def with_truth(scanned: Scanned, damaged: Damaged) -> pd.DataFrame:
+    """Scanned rows of the generator's slices, with the truth alongside (columns suffixed _gt)."""
+    return scanned.df.merge(damaged.truth, on=["StudyInstanceUID", "slice_number"], suffixes=("", "_gt"))
+
+
+def issues_of(scanned: Scanned, kind: str) -> set[str]:
+    return {i["study"] for i in scanned.metadata["report"]["issues"] if i["kind"] == kind}
+
+
+def test_cli_writes_one_row_per_file_with_the_contract_columns(with_table, damaged):
+    df = with_table.df
+    assert list(df.columns) == list(COLUMNS)
+    files = sorted(str(p.resolve()) for p in damaged.root.glob("*_images/*/*.dcm"))
+    assert sorted(df["path"]) == files
+    assert df["slice_number"].dtype == "int64" and df["z"].dtype == "float64"
+    assert all(df[c].dtype == "float64" for c in (*VISIBLE_COLUMNS, *FRACTURE_COLUMNS, "label_overall", "fold"))
+    assert set(df["image_set"]) == {"train", "test"}
+    assert with_table.metadata["data_dir"] == str(damaged.root.resolve())
+    report = with_table.metadata["report"]
+    assert sum(report["slices"].values()) == len(df)
+    assert report["studies"]["test"] == damaged.truth.query("split == 'test'")["StudyInstanceUID"].nunique()
+
+
+def test_visibility_equals_ground_truth_from_segmentations_and_table(with_table, damaged):
+    rows = with_truth(with_table, damaged)
+    assert len(rows) >= len(damaged.truth)  # every generated slice was scanned (a duplicate file adds one)
+    np.testing.assert_array_equal(rows[list(VISIBLE_COLUMNS)].to_numpy(), rows[VISIBLE_GT].to_numpy())
+    from_segmentation = rows["StudyInstanceUID"].isin(damaged.segmented)
+    assert (rows.loc[from_segmentation, "visibility_source"] == "segmentation").all()
+    assert (rows.loc[~from_segmentation, "visibility_source"] == "table").all()
+    # both slice orders were checked against segmentations
+    assert set(rows.loc[from_segmentation, "z_decreasing"]) == {True, False}
+
+
+def test_fracture_targets_follow_the_rules_against_ground_truth(with_table, damaged):
+    rows = with_truth(with_table, damaged)
+    labels = damaged.labels.set_index("StudyInstanceUID")
+    kinds = set()
+    for uid, study in rows.groupby("StudyInstanceUID"):
+        fracture = study[list(FRACTURE_COLUMNS)].to_numpy()
+        truth = study[FRACTURE_GT].to_numpy()
+        visible = study[VISIBLE_GT].to_numpy()
+        if study["split"].iloc[0] == "test":
+            kinds.add("test")
+            assert np.isnan(fracture).all() and (study["fracture_source"] == "unknown").all()
+            assert study[["label_overall", "fold"]].isna().all().all()
+            continue
+        label = labels.loc[uid]
+        fractured = label[list(VERTEBRAE)].to_numpy() == 1
+        np.testing.assert_array_equal(study["label_overall"], label["patient_overall"])
+        np.testing.assert_array_equal(study[[f"label_{v}" for v in VERTEBRAE]].iloc[0], label[list(VERTEBRAE)])
+        assert (study["fold"] == label["fold"]).all()
+        if label["patient_overall"] == 0:
+            kinds.add("negative")
+            assert (study["fracture_source"] == "negative").all() and (fracture == 0).all()
+        elif uid in damaged.boxed:
+            kinds.add("boxes")
+            assert (study["fracture_source"] == "boxes").all()
+            # every planted break is marked; nothing outside a fractured, visible vertebra is
+            assert (fracture >= truth).all()
+            assert (fracture <= visible * fractured).all()
+            # exact wherever one fractured vertebra is in view (more in view: a box cannot say which)
+            single = (visible * fractured).sum(axis=1) <= 1
+            np.testing.assert_array_equal(fracture[single], truth[single])
+        else:
+            kinds.add("label_x_visibility")
+            assert (study["fracture_source"] == "label_x_visibility").all()
+            np.testing.assert_array_equal(fracture, visible * fractured)
+            assert (fracture >= truth).all()
+    assert kinds == {"test", "negative", "boxes", "label_x_visibility"}, f"synth_data lacks a kind of study: {kinds}"
+
+
+def test_without_a_table_only_segmented_studies_have_visibility(without_table, damaged):
+    rows = with_truth(without_table, damaged)
+    segmented = rows["StudyInstanceUID"].isin(damaged.segmented)
+    np.testing.assert_array_equal(rows.loc[segmented, list(VISIBLE_COLUMNS)], rows.loc[segmented, VISIBLE_GT])
+    assert rows.loc[~segmented, list(VISIBLE_COLUMNS)].isna().all().all()
+    assert (rows.loc[~segmented, "visibility_source"] == "unknown").all()
+    labels = damaged.labels.set_index("StudyInstanceUID")
+    for uid, study in rows[~segmented & (rows["split"] == "train")].groupby("StudyInstanceUID"):
+        label = labels.loc[uid]
+        fractured = label[list(VERTEBRAE)].to_numpy() == 1
+        fracture = study[list(FRACTURE_COLUMNS)].to_numpy()
+        if label["patient_overall"] == 0:
+            assert (fracture == 0).all()
+        elif uid in damaged.boxed:  # box slices: every fractured vertebra; other slices 0
+            boxed = (study[FRACTURE_GT].to_numpy() == 1).any(axis=1)
+            np.testing.assert_array_equal(fracture[boxed], np.tile(fractured * 1.0, (boxed.sum(), 1)))
+            assert (fracture[~boxed] == 0).all()
+        else:  # fractured vertebrae unknown, the others 0
+            assert np.isnan(fracture[:, fractured]).all() and (fracture[:, ~fractured] == 0).all()
+
+
+def test_bad_files_are_reported_and_every_other_file_is_read(with_table, damaged):
+    df = with_table.df.set_index("path")
+    corrupt, truncated = df.loc[str(damaged.corrupt.resolve())], df.loc[str(damaged.truncated.resolve())]
+    assert "not a DICOM file" in corrupt["problem"]
+    assert "truncated" in truncated["problem"]
+    for row in (corrupt, truncated):
+        assert np.isnan(row["z"]) and np.isnan(row["rows"]) and row["StudyInstanceUID"] == damaged.extra_files_study
+        assert row["visibility_source"] == "unknown"  # the table does not list these slice numbers
+        assert row["fracture_source"] != "unknown"  # the study's labels still apply
+    duplicates = [str(p.resolve()) for p in damaged.duplicates]
+    assert df.loc[duplicates, "problem"].str.contains("duplicate slice_number 3").all()
+    others = df.drop(index=[str(damaged.corrupt.resolve()), str(damaged.truncated.resolve()), *duplicates])
+    assert (others["problem"] == "").all() and np.isfinite(others["z"]).all() and (others["rows"] > 0).all()
+    reported = {p["path"]: p["reason"] for p in with_table.metadata["report"]["problems"]}
+    assert set(reported) == {str(damaged.corrupt.resolve()), str(damaged.truncated.resolve()), *duplicates}
+    assert "problem slices: 4" in with_table.printed and damaged.corrupt.name in with_table.printed
+
+
+def test_dataset_inconsistencies_are_reported(with_table, without_table, damaged):
+    assert issues_of(with_table, "missing_images") == {MISSING_UID}
+    assert issues_of(with_table, "unlabeled_folder") == {UNLABELED_UID}
+    assert issues_of(with_table, "segmentation_mismatch") == {damaged.wrong_segmentation}
+    assert issues_of(with_table, "duplicate_slice_number") == {damaged.duplicate_study}
+    assert issues_of(with_table, "partial_table") == {damaged.extra_files_study}  # 9001, 9002 not in it
+    for kind in ("missing_images", "unlabeled_folder", "segmentation_mismatch", "duplicate_slice_number"):
+        assert kind in with_table.printed
+    assert MISSING_UID not in set(with_table.df["StudyInstanceUID"])
+    unlabeled = with_table.df[with_table.df["StudyInstanceUID"] == UNLABELED_UID]
+    assert len(unlabeled) > 0 and (unlabeled["fracture_source"] == "unknown").all()
+    assert unlabeled[["label_overall", *FRACTURE_COLUMNS]].isna().all().all()
+    # an unusable segmentation counts as absent: the table fills in, and without it visibility is unknown
+    wrong = with_table.df["StudyInstanceUID"] == damaged.wrong_segmentation
+    assert (with_table.df.loc[wrong, "visibility_source"] == "table").all()
+    wrong = without_table.df["StudyInstanceUID"] == damaged.wrong_segmentation
+    assert without_table.df.loc[wrong, list(VISIBLE_COLUMNS)].isna().all().all()
+    assert issues_of(without_table, "segmentation_mismatch") == {damaged.wrong_segmentation}
+    summary = {s["StudyInstanceUID"]: s for s in with_table.metadata["report"]["per_study"]}
+    assert any("segmentation_mismatch" in issue for issue in summary[damaged.wrong_segmentation]["issues"])
+    assert summary[damaged.extra_files_study]["problems"] == 2
+
+
+def test_main_reports_bad_arguments(tmp_path, capsys):
+    assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "t.parquet")]) == 2
+    assert "nowhere: no such directory" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main([str(tmp_path), "--out", str(tmp_path / "t.parquet")]) == 2
+    assert "no .dcm files" in capsys.readouterr().err

@@ -79,7 +79,8 @@ class ScanConfig:
     )
     workers: int = field(
         default_factory=lambda: os.cpu_count() or 1,
-        metadata={"help": "processes that read DICOM headers in parallel (default: all CPU cores; 1 = no subprocess)"},
+        metadata={"help": "processes that read DICOM headers in parallel; defaults to the number of CPU cores "
+                  "(1 = read in this process)"},
     )
     vertebrae_table: str | None = field(
         default=None,
@@ -399,7 +400,7 @@ class StudyResult:
 def label_study(data_dir: Path, image_set: str, uid: str, rows: pd.DataFrame, inputs: Inputs, issues: Issues) -> StudyResult:
     """Visibility, fracture targets and study labels for the rows of one study (sorted by slice_number)."""
     rows = rows.reset_index(drop=True)
-    check_header_uids(uid, rows, issues)
+    check_study_headers(uid, rows, issues)
     visible, sources = study_visibility(data_dir, uid, rows, inputs, issues)
     study_labels, fold = inputs.labels_by_study.get(uid, (None, np.nan)) if image_set == "train" else (None, np.nan)
     boxes = inputs.boxes_by_study.get(uid, inputs.boxes.iloc[:0]) if image_set == "train" else inputs.boxes.iloc[:0]
@@ -556,7 +557,8 @@ def segmentation_presence(path: Path) -> np.ndarray:
     return presence
 
 
-def check_header_uids(uid: str, rows: pd.DataFrame, issues: Issues) -> None:
+def check_study_headers(uid: str, rows: pd.DataFrame, issues: Issues) -> None:
+    """Report files whose StudyInstanceUID is not their folder's, and z that is not monotonic in slice_number."""
     header_uids = rows["header_study_uid"].dropna()
     others = sorted(set(header_uids) - {uid})
     if uid and others:
