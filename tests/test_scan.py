@@ -207,7 +207,8 @@ def damaged(synth_data: Path, tmp_path_factory) -> Damaged:
     original = root / "train_images" / duplicate_study / "3.dcm"
     duplicate = original.with_name("003.dcm")
     shutil.copy(original, duplicate)
-    # a labelled study without images, and images without labels
+    # a labelled study without images, images without labels, a segmentation without images
+    shutil.copy(root / "segmentations" / f"{segmented[0]}.nii", root / "segmentations" / f"{MISSING_UID}.nii")
     with open(root / "train.csv", "a") as f:
         f.write(f"{MISSING_UID},0,0,0,0,0,0,0,0,0\n")
     test_uid = truth.loc[truth["split"] == "test", "StudyInstanceUID"].iloc[0]
@@ -361,6 +362,8 @@ def test_bad_files_are_reported_and_every_other_file_is_read(with_table, damaged
 def test_dataset_inconsistencies_are_reported(with_table, without_table, damaged):
     assert issues_of(with_table, "missing_images") == {MISSING_UID}
     assert issues_of(with_table, "unlabeled_folder") == {UNLABELED_UID}
+    assert issues_of(with_table, "segmentation_without_images") == {MISSING_UID}
+    assert issues_of(with_table, "uid_mismatch") == {UNLABELED_UID}  # its files carry the test study's uid
     assert issues_of(with_table, "segmentation_mismatch") == {damaged.wrong_segmentation}
     assert issues_of(with_table, "duplicate_slice_number") == {damaged.duplicate_study}
     assert issues_of(with_table, "partial_table") == {damaged.extra_files_study}  # 9001, 9002 not in it

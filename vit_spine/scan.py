@@ -135,7 +135,7 @@ def scan(data_dir: str | Path, config: ScanConfig | None = None) -> pd.DataFrame
     files = find_dicom_files(data_dir, issues)
     if not files:
         raise ValueError(f"{data_dir}: no .dcm files under train_images/ or test_images/")
-    check_study_lists(files, inputs, issues)
+    check_study_lists(data_dir, files, inputs, issues)
 
     headers = read_headers([f["path"] for f in files], config.workers, config.progress)
     table = pd.DataFrame([{**f, **h} for f, h in zip(files, headers)])
@@ -245,9 +245,13 @@ def _file_entry(uid: str, image_set: str, path: Path) -> dict[str, Any]:
     return {"StudyInstanceUID": uid, "image_set": image_set, "path": str(path.resolve()), "slice_number": slice_number}
 
 
-def check_study_lists(files: list[dict[str, Any]], inputs: Inputs, issues: Issues) -> None:
-    """Report labelled studies without images and image folders without labels."""
+def check_study_lists(data_dir: Path, files: list[dict[str, Any]], inputs: Inputs, issues: Issues) -> None:
+    """Report labelled studies without images, image folders without labels and unused segmentations."""
     folders = {s: {f["StudyInstanceUID"] for f in files if f["image_set"] == s} - {""} for s in IMAGE_SETS}
+    for path in sorted((data_dir / "segmentations").glob("*.nii*")):
+        uid = path.name.removesuffix(".gz").removesuffix(".nii")
+        if uid not in folders["train"] | folders["test"]:
+            issues.add(uid, "segmentation_without_images", f"{path.name} matches no study folder: unused")
     if inputs.labels is not None:
         labeled = set(inputs.labels["StudyInstanceUID"])
         for uid in sorted(labeled - folders["train"]):
