@@ -1,0 +1,760 @@
+"""`vit-spine chunk DATA_DIR --out DIR`: labelled training slices -> ~15k-slice shards + validation shards.
+
+1. Plan (deterministic, from the slice table of `vit-spine scan`): whole studies per shard, validation
+   studies held out by study (a `fold` of train.csv, else a label-stratified fraction), studies dealt to
+   shards so that every shard carries about the same share of positive studies and of each vertebra's
+   fractures (see `stratified_order` and `deal`). Rank 0 writes the plan to DIR/manifest.json (and the
+   slice table to DIR/slice_table.parquet) before any pixel is decoded.
+2. Write: worker processes decode and preprocess one study each into reusable shared-memory slots; the
+   main process streams each study into the shard's Arrow file as one record batch, so memory stays at
+   about (workers + 2) studies whatever the dataset size. A shard is built in DIR/.tmp-NAME and renamed
+   to DIR/NAME when complete: a finished shard is never redone, a killed run leaves no partial shard
+   under a final name, and a re-run over a finished output writes nothing. `--rank/--world-size` (or
+   RANK/WORLD_SIZE from `accelerate launch` / torchrun) give each process every world_size-th shard.
+
+Each shard folder is a `datasets` Dataset (`datasets.load_from_disk` opens it) with the features of
+`shard_features`, plus `vit_spine_shard.json` (its studies, slice count, and the slices that failed to
+decode). `load_manifest(DIR)` merges those into the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from vit_spine import STUDY_TARGETS, VERTEBRAE
+from vit_spine.preprocess import PreprocessConfig, render_slice, stack_channels
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+SLICE_TABLE = "slice_table.parquet"
+SHARD_META = "vit_spine_shard.json"
+ARROW_FILE = "data-00000-of-00001.arrow"  # the name `save_to_disk` gives a one-file dataset
+TMP_PREFIX = ".tmp-"
+LABEL_COLUMNS = (*(f"fracture_{v}" for v in VERTEBRAE), *(f"visible_{v}" for v in VERTEBRAE))
+STUDY_LABEL_COLUMNS = ("label_overall", *(f"label_{v}" for v in VERTEBRAE))
+REQUIRED_COLUMNS = (
+    "StudyInstanceUID", "slice_number", "path", "image_set", "z", "problem", *LABEL_COLUMNS, *STUDY_LABEL_COLUMNS,
+)
+# Options that change the plan or the pixels: a resumed run must use the same ones.
+PLAN_OPTIONS = ("shard_size", "val_fraction", "val_fold", "ignore_folds", "seed")
+
+
+@dataclass
+class ChunkConfig:
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "dataset root in the RSNA 2022 layout (scanned unless --slice_table is given)."},
+    )
+    out: str = field(default="chunks", metadata={"help": "output folder for shards and manifest.json."})
+    slice_table: str | None = field(
+        default=None, metadata={"help": "Parquet slice table from `vit-spine scan` (skips scanning DATA_DIR)."}
+    )
+    shard_size: int = field(
+        default=15000,
+        metadata={"help": "target slices per shard: round(total / shard_size) shards of whole studies each."},
+    )
+    val_fraction: float = field(
+        default=0.1,
+        metadata={"help": "share of studies held out for validation (label-stratified) when folds are not used."},
+    )
+    val_fold: int | None = field(
+        default=None,
+        metadata={"help": "hold out the studies of this train.csv fold (default: fold 0 when there is a fold column)."},
+    )
+    ignore_folds: bool = field(
+        default=False, metadata={"help": "use --val_fraction even when train.csv has a fold column."}
+    )
+    workers: int = field(
+        default_factory=lambda: os.cpu_count() or 1,
+        metadata={"help": "decoding processes (default: all CPU cores; 0 = decode in the main process)."},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the plan's shuffles (the plan is deterministic)."})
+    rank: int | None = field(
+        default=None, metadata={"help": "this process's index among --world_size (default: $RANK or 0)."}
+    )
+    world_size: int | None = field(
+        default=None, metadata={"help": "processes sharing the shards, each writes every world_size-th (default: $WORLD_SIZE or 1)."}
+    )
+    progress: bool = field(default=True, metadata={"help": "show progress bars."})
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"--shard_size must be >= 1, got {self.shard_size}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
+
+    def plan_options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in PLAN_OPTIONS}
+
+
+@dataclass
+class ShardPlan:
+    path: str
+    split: str  # "train" | "val"
+    studies: list[str]
+    num_slices: int
+    num_positive_studies: int
+    fractured_studies: dict[str, int]  # vertebra -> studies with that vertebra fractured
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def load_manifest(directory: str | Path) -> dict[str, Any]:
+    """DIR/manifest.json, with what the shard folders say merged in.
+
+    Each shard entry gets `complete` (its folder exists) and, when complete, its real `num_slices`
+    (planned minus slices that failed to decode); those slices are appended to `problems`.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; run `vit-spine chunk DATA_DIR --out {directory}` first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: manifest format {manifest.get('format')!r}, this vit-spine reads {FORMAT}")
+    return with_shard_state(manifest, directory)
+
+
+def with_shard_state(manifest: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """`manifest` plus what the shard folders in `directory` say (see `load_manifest`)."""
+    manifest = json.loads(json.dumps(manifest))
+    known = {(p["path"], p["reason"]) for p in manifest["problems"]}
+    for shard in manifest["shards"]:
+        meta_path = directory / shard["path"] / SHARD_META
+        shard["complete"] = meta_path.is_file()
+        if not shard["complete"]:
+            continue
+        meta = json.loads(meta_path.read_text())
+        shard["num_slices"] = meta["num_slices"]
+        for problem in meta["problems"]:
+            if (problem["path"], problem["reason"]) not in known:
+                manifest["problems"].append(problem)
+                known.add((problem["path"], problem["reason"]))
+    manifest["complete"] = all(s["complete"] for s in manifest["shards"])
+    return manifest
+
+
+def train_shards(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for s in manifest["shards"] if s["split"] == "train"]
+
+
+def val_shards(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for s in manifest["shards"] if s["split"] == "val"]
+
+
+def write_json_atomic(path: Path, content: dict[str, Any]) -> bool:
+    """Write `content` as JSON via a temporary file and rename; skip (return False) if the file already holds it."""
+    text = json.dumps(content, indent=1) + "\n"
+    if path.is_file() and path.read_text() == text:
+        return False
+    partial = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    partial.write_text(text)
+    os.replace(partial, path)
+    return True
+
+
+def versions() -> dict[str, str]:
+    import datasets
+    import pyarrow
+    import pydicom
+    import torch
+
+    from vit_spine import __version__
+
+    return {
+        "vit_spine": __version__,
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "pyarrow": pyarrow.__version__,
+        "datasets": datasets.__version__,
+        "torch": torch.__version__,
+        "pydicom": pydicom.__version__,
+    }
+
+
+# ---------------------------------------------------------------- slice table -> studies
+
+
+def load_slice_table(config: ChunkConfig) -> pd.DataFrame:
+    """The slice table of --slice_table, or a fresh scan of DATA_DIR."""
+    if config.slice_table:
+        path = Path(config.slice_table)
+        if not path.is_file():
+            raise FileNotFoundError(f"--slice_table {path}: no such file")
+        table = pd.read_parquet(path)
+        source = str(path)
+    else:
+        if not config.data_dir:
+            raise ValueError("give DATA_DIR or --slice_table")
+        from vit_spine.scan import ScanConfig, scan
+
+        workers = max(config.workers, 1)
+        table = scan(config.data_dir, ScanConfig(data_dir=config.data_dir, workers=workers, progress=config.progress))
+        source = f"scan of {config.data_dir}"
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{source}: slice table lacks column(s) {', '.join(missing)}; re-run `vit-spine scan`")
+    return table
+
+
+@dataclass
+class TrainingSlices:
+    slices: pd.DataFrame  # good slices of labelled train studies, grouped by study, z ascending
+    studies: pd.DataFrame  # StudyInstanceUID, num_slices, patient_overall, C1..C7[, fold]
+    problems: list[dict[str, str]]  # {"path", "reason"} of train slices the scan could not use
+    skipped_studies: list[dict[str, Any]]  # {"StudyInstanceUID", "reason", "num_slices"}
+
+
+def select_training_slices(table: pd.DataFrame) -> TrainingSlices:
+    """Readable slices of labelled train_images studies; everything left out is listed with a reason."""
+    train = table[table["image_set"] == "train"]
+    bad = train["problem"].fillna("") != ""
+    problems = [{"path": str(p), "reason": str(r)} for p, r in zip(train.loc[bad, "path"], train.loc[bad, "problem"])]
+    good = train[~bad]
+    labelled = good["label_overall"].notna()
+    skipped = [
+        {"StudyInstanceUID": uid, "reason": "no labels in train.csv", "num_slices": int(n)}
+        for uid, n in good[~labelled].groupby("StudyInstanceUID").size().items()
+    ]
+    good = good[labelled]
+    all_bad = set(train.loc[train["label_overall"].notna(), "StudyInstanceUID"]) - set(good["StudyInstanceUID"])
+    skipped += [
+        {"StudyInstanceUID": uid, "reason": "no readable slice", "num_slices": 0} for uid in sorted(all_bad)
+    ]
+    good = good.sort_values(["StudyInstanceUID", "z", "slice_number"], kind="stable", ignore_index=True)
+    groups = good.groupby("StudyInstanceUID", sort=True)
+    studies = groups[list(STUDY_LABEL_COLUMNS)].first()
+    studies.columns = list(STUDY_TARGETS)
+    studies = studies.astype(int)
+    studies.insert(0, "num_slices", groups.size())
+    if "fold" in good.columns and good["fold"].notna().any():
+        studies["fold"] = groups["fold"].first()
+    return TrainingSlices(good, studies.reset_index(), problems, skipped)
+
+
+# ---------------------------------------------------------------- plan
+
+
+def stratified_order(studies: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Studies sorted into strata by label pattern, in a seeded random order within each stratum.
+
+    Sort keys: patient_overall, then the vertebrae from the rarest to the most common fracture. Every
+    positive study thus sits in one contiguous block, and each vertebra's fractured studies in few
+    blocks (the rarest in one), which `deal` spreads evenly over the shards.
+    """
+    ordered = studies.sort_values("StudyInstanceUID", ignore_index=True)
+    ordered = ordered.iloc[np.random.default_rng(seed).permutation(len(ordered))]
+    prevalence = ordered[list(VERTEBRAE)].mean()
+    rare_first = sorted(VERTEBRAE, key=lambda v: (prevalence[v], VERTEBRAE.index(v)))
+    keys = ["patient_overall", *rare_first]
+    return ordered.sort_values(keys, ascending=False, kind="stable", ignore_index=True)
+
+
+def choose_validation(ordered: pd.DataFrame, val_fraction: float, val_fold: int | None, seed: int) -> np.ndarray:
+    """Boolean mask over `ordered` (from `stratified_order`): the validation studies.
+
+    With a fold: the studies of that fold. Otherwise every (1/val_fraction)-th study of the stratified
+    order (systematic sampling from a seeded offset): each stratum gives its share, +-1 study.
+    """
+    if val_fold is not None:
+        return (ordered["fold"] == val_fold).to_numpy()
+    if val_fraction <= 0:
+        return np.zeros(len(ordered), bool)
+    start = np.random.default_rng(seed + 1).random()
+    position = start + np.arange(len(ordered) + 1) * val_fraction
+    return np.diff(np.floor(position)) > 0
+
+
+def number_of_shards(num_slices: int, shard_size: int) -> int:
+    return max(1, int(round(num_slices / shard_size))) if num_slices else 0
+
+
+def deal(ordered: pd.DataFrame, num_shards: int) -> list[list[int]]:
+    """Deal studies (rows of `ordered`, in order) to shards in rounds: every shard gets one study per round.
+
+    Within a round, studies with the most fractured targets go first, each to the free shard where it
+    adds the least to `sum over its positive targets of count / expected count` plus `slices / target
+    slices`: label counts and slice counts stay even. With RSNA prevalences the count of every target
+    (patient_overall, C1..C7) differs by at most 2 between any two shards (tests/test_chunk.py).
+    """
+    labels = ordered[list(STUDY_TARGETS)].to_numpy(np.float64)
+    sizes = ordered["num_slices"].to_numpy(np.float64)
+    expected = np.maximum(labels.sum(axis=0) / max(num_shards, 1), 1e-9)
+    target_slices = max(sizes.sum() / max(num_shards, 1), 1.0)
+    counts = np.zeros((num_shards, labels.shape[1]))
+    load = np.zeros(num_shards)
+    shards: list[list[int]] = [[] for _ in range(num_shards)]
+    for start in range(0, len(ordered), num_shards):
+        rows = sorted(range(start, min(start + num_shards, len(ordered))), key=lambda r: (-labels[r].sum(), -sizes[r], r))
+        free = list(range(num_shards))
+        for row in rows:
+            cost = ((counts[free] + labels[row]) / expected * labels[row]).sum(axis=1) + (load[free] + sizes[row]) / target_slices
+            shard = free.pop(int(np.argmin(cost)))
+            shards[shard].append(row)
+            counts[shard] += labels[row]
+            load[shard] += sizes[row]
+    return shards
+
+
+def plan_shards(
+    studies: pd.DataFrame, shard_size: int, val_fraction: float, val_fold: int | None, seed: int
+) -> tuple[list[ShardPlan], dict[str, Any]]:
+    """Split studies (StudyInstanceUID, num_slices, patient_overall, C1..C7[, fold]) into train and val shards.
+
+    `val_fold` None means: fold 0 if `studies` has a fold column, else `val_fraction`. Returns the shard
+    plans (train shards first) and a description of the validation split.
+    """
+    if val_fold is None and "fold" in studies.columns:
+        val_fold = 0
+    if val_fold is not None:
+        if "fold" not in studies.columns:
+            raise ValueError("--val_fold needs a fold column in train.csv; use --val_fraction instead")
+        folds = sorted(int(f) for f in studies["fold"].dropna().unique())
+        if val_fold not in folds:
+            raise ValueError(f"--val_fold {val_fold}: train.csv has folds {folds}")
+        validation = {"method": "fold", "fold": val_fold}
+    else:
+        validation = {"method": "fraction", "fraction": val_fraction}
+    ordered = stratified_order(studies, seed)
+    is_val = choose_validation(ordered, val_fraction, val_fold, seed)
+    plans = []
+    for split, prefix, rows in (("train", "shard", ~is_val), ("val", "val", is_val)):
+        part = ordered[rows].reset_index(drop=True)
+        for index, members in enumerate(deal(part, number_of_shards(int(part["num_slices"].sum()), shard_size))):
+            chosen = part.iloc[members]
+            plans.append(
+                ShardPlan(
+                    path=f"{prefix}_{index:05d}",
+                    split=split,
+                    studies=chosen["StudyInstanceUID"].tolist(),
+                    num_slices=int(chosen["num_slices"].sum()),
+                    num_positive_studies=int(chosen["patient_overall"].sum()),
+                    fractured_studies={v: int(chosen[v].sum()) for v in VERTEBRAE},
+                )
+            )
+    validation["num_studies"] = int(is_val.sum())
+    return plans, validation
+
+
+# ---------------------------------------------------------------- shard files
+
+
+def shard_features(image_size: int):
+    import datasets
+
+    return datasets.Features(
+        {
+            "pixel_values": datasets.Array3D((3, image_size, image_size), "uint8"),
+            "labels": datasets.List(datasets.Value("float32"), length=len(LABEL_COLUMNS)),
+            "study_labels": datasets.List(datasets.Value("float32"), length=len(STUDY_LABEL_COLUMNS)),
+            "StudyInstanceUID": datasets.Value("string"),
+            "slice_number": datasets.Value("int32"),
+            "z": datasets.Value("float32"),
+        }
+    )
+
+
+def study_record_batch(pixels: np.ndarray, rows: pd.DataFrame, schema):
+    """One study's slices as an Arrow record batch; the pixel column wraps `pixels` without copying."""
+    import pyarrow as pa
+
+    n, channels, height, width = pixels.shape
+
+    def offsets(count: int, step: int):
+        return pa.array(np.arange(0, count * step + 1, step, dtype=np.int32))
+
+    values = pa.py_buffer(pixels)  # zero-copy; written before the caller reuses the memory
+    flat = pa.Array.from_buffers(pa.uint8(), pixels.size, [None, values])
+    storage = pa.ListArray.from_arrays(
+        offsets(n, channels),
+        pa.ListArray.from_arrays(offsets(n * channels, height), pa.ListArray.from_arrays(offsets(n * channels * height, width), flat)),
+    )
+    pixel_type = schema.field("pixel_values").type
+
+    def fixed(columns: Sequence[str]):
+        matrix = np.ascontiguousarray(rows[list(columns)].to_numpy(np.float32))
+        return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), len(columns))
+
+    return pa.record_batch(
+        [
+            pa.ExtensionArray.from_storage(pixel_type, storage),
+            fixed(LABEL_COLUMNS),
+            fixed(STUDY_LABEL_COLUMNS),
+            pa.array(rows["StudyInstanceUID"].astype(str).tolist(), pa.string()),
+            pa.array(rows["slice_number"].to_numpy(np.int32)),
+            pa.array(rows["z"].to_numpy(np.float32)),
+        ],
+        schema=schema,
+    )
+
+
+def shard_fingerprint(plan: ShardPlan, preprocess: PreprocessConfig) -> str:
+    blob = json.dumps({"format": FORMAT, "plan": plan.to_dict(), "preprocess": preprocess.to_dict()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_dataset_files(folder: Path, features, split: str, fingerprint: str) -> None:
+    """The two JSON files next to the Arrow file that make `datasets.load_from_disk` open the folder."""
+    import datasets
+
+    datasets.DatasetInfo(features=features).write_to_directory(str(folder), pretty_print=True)
+    state = {
+        "_data_files": [{"filename": ARROW_FILE}],
+        "_fingerprint": fingerprint,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": split,
+    }
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+# ---------------------------------------------------------------- decoding (worker side)
+
+
+def render_study(paths: Sequence[str], config: PreprocessConfig, out: np.ndarray | None = None):
+    """Decode and preprocess one study's slices (z ascending).
+
+    Returns (pixels uint8 (n_ok, 3, S, S) -- a view of `out` when given --, ok mask over `paths`,
+    problems [(path, reason)] of the slices that failed to decode).
+    """
+    from vit_spine.dicom import DicomReadError, read_hu
+
+    rendered, problems = [], []
+    ok = np.zeros(len(paths), bool)
+    for i, path in enumerate(paths):
+        try:
+            hu = read_hu(path)
+        except DicomReadError as error:
+            problems.append((str(path), error.reason))
+            continue
+        except OSError as error:  # e.g. the file vanished since the scan
+            problems.append((str(path), str(error)))
+            continue
+        rendered.append(render_slice(hu, config))
+        ok[i] = True
+    return stack_channels(rendered, config, out=out), ok, problems
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(config: PreprocessConfig) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core already
+    _WORKER["config"] = config
+    _WORKER["slots"] = {}
+
+
+def _render_into_slot(task: tuple[str, list[str], str]) -> tuple[str, np.ndarray, list]:
+    uid, paths, slot_name = task
+    slots = _WORKER["slots"]
+    if slot_name not in slots:
+        slots[slot_name] = shared_memory.SharedMemory(name=slot_name)
+    config: PreprocessConfig = _WORKER["config"]
+    size = config.image_size
+    buffer = np.ndarray((len(paths), 3, size, size), np.uint8, buffer=slots[slot_name].buf)
+    _, ok, problems = render_study(paths, config, out=buffer)
+    del buffer
+    return uid, ok, problems
+
+
+# ---------------------------------------------------------------- decoding (main side)
+
+
+@dataclass
+class RenderedStudy:
+    uid: str
+    pixels: np.ndarray  # valid until the next study is requested
+    ok: np.ndarray
+    problems: list[tuple[str, str]]
+
+
+def render_studies(
+    tasks: list[tuple[str, list[str]]], config: PreprocessConfig, workers: int
+) -> Iterator[RenderedStudy]:
+    """Rendered studies in the order of `tasks`, decoded by `workers` processes (0: here).
+
+    Workers write pixels into shared-memory slots (workers + 2 of them, each sized for the largest
+    study) that are reused: no pickling of pixels, no fresh pages per study, bounded memory.
+    """
+    if workers == 0:
+        for uid, paths in tasks:
+            pixels, ok, problems = render_study(paths, config)
+            yield RenderedStudy(uid, pixels, ok, problems)
+        return
+    size = config.image_size
+    slot_bytes = max(len(paths) for _, paths in tasks) * 3 * size * size
+    num_slots = workers + 2
+    check_shared_memory(slot_bytes * num_slots)
+    slots = [shared_memory.SharedMemory(create=True, size=slot_bytes) for _ in range(num_slots)]
+    try:
+        free = deque(slots)
+        pending: deque = deque()
+        queue = iter(tasks)
+        with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
+            while True:
+                while free:
+                    task = next(queue, None)
+                    if task is None:
+                        break
+                    slot = free.popleft()
+                    pending.append((slot, pool.apply_async(_render_into_slot, ((task[0], task[1], slot.name),))))
+                if not pending:
+                    break
+                slot, result = pending.popleft()
+                uid, ok, problems = result.get()
+                pixels = np.ndarray((int(ok.sum()), 3, size, size), np.uint8, buffer=slot.buf)
+                yield RenderedStudy(uid, pixels, ok, problems)
+                del pixels
+                free.append(slot)
+    finally:
+        for slot in slots:
+            try:
+                slot.close()
+            except BufferError:  # a view still alive in an exception's traceback; unlink frees it later
+                pass
+            slot.unlink()
+
+
+def check_shared_memory(needed: int) -> None:
+    """Fail early, naming the fix, when /dev/shm is too small (Docker's default is 64 MB)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return
+    stat = os.statvfs(shm)
+    available = stat.f_bavail * stat.f_frsize
+    if available < needed:
+        raise RuntimeError(
+            f"/dev/shm has {available / 2**20:.0f} MiB free, decoding needs {needed / 2**20:.0f} MiB "
+            f"((workers + 2) x largest study): use fewer --workers, --workers 0, or a larger /dev/shm "
+            f"(docker run --shm-size)"
+        )
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_shard(
+    out: Path,
+    plan: ShardPlan,
+    studies: Iterator[RenderedStudy],
+    slices_by_study: dict[str, pd.DataFrame],
+    preprocess: PreprocessConfig,
+    progress: tqdm | None = None,
+) -> dict[str, Any]:
+    """Stream the studies of `plan` into OUT/.tmp-NAME, then rename it to OUT/NAME. Returns the shard meta."""
+    import pyarrow as pa
+
+    final, tmp = out / plan.path, out / f"{TMP_PREFIX}{plan.path}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    features = shard_features(preprocess.image_size)
+    schema = features.arrow_schema
+    num_slices, problems = 0, []
+    with pa.OSFile(str(tmp / ARROW_FILE), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for uid in plan.studies:
+            study = next(studies)
+            if study.uid != uid:
+                raise RuntimeError(f"internal error: expected study {uid}, got {study.uid}")
+            rows = slices_by_study[uid][study.ok]
+            if len(rows):
+                writer.write_batch(study_record_batch(study.pixels, rows, schema))
+            num_slices += len(rows)
+            problems += [{"path": p, "reason": r} for p, r in study.problems]
+            if progress is not None:
+                progress.update(len(study.ok))
+            del study
+    fingerprint = shard_fingerprint(plan, preprocess)
+    write_dataset_files(tmp, features, plan.split, fingerprint)
+    meta = {
+        "path": plan.path,
+        "split": plan.split,
+        "num_slices": num_slices,
+        "planned_slices": plan.num_slices,
+        "studies": plan.studies,
+        "problems": problems,
+        "fingerprint": fingerprint,
+    }
+    (tmp / SHARD_META).write_text(json.dumps(meta, indent=1) + "\n")
+    os.rename(tmp, final)
+    return meta
+
+
+# ---------------------------------------------------------------- the command
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """--rank/--world_size, else RANK/WORLD_SIZE (set by accelerate launch and torchrun), else 0/1."""
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    me = rank if rank is not None else int(os.environ.get("RANK", "0"))
+    if world < 1 or not 0 <= me < world:
+        raise ValueError(f"--rank {me} / --world_size {world}: need 0 <= rank < world_size")
+    return me, world
+
+
+def make_manifest(config: ChunkConfig, preprocess: PreprocessConfig, selection: TrainingSlices) -> dict[str, Any]:
+    studies = selection.studies.drop(columns=["fold"]) if config.ignore_folds and "fold" in selection.studies else selection.studies
+    plans, validation = plan_shards(studies, config.shard_size, config.val_fraction, config.val_fold, config.seed)
+    return {
+        "format": FORMAT,
+        "data_dir": str(Path(config.data_dir).resolve()) if config.data_dir else None,
+        "options": config.plan_options(),
+        "preprocess": preprocess.to_dict(),
+        "validation": validation,
+        "totals": {
+            "train_slices": sum(p.num_slices for p in plans if p.split == "train"),
+            "val_slices": sum(p.num_slices for p in plans if p.split == "val"),
+            "studies": len(selection.studies),
+        },
+        "shards": [p.to_dict() for p in plans],
+        "problems": selection.problems,
+        "skipped_studies": selection.skipped_studies,
+        "versions": versions(),
+    }
+
+
+def chunk(
+    config: ChunkConfig,
+    preprocess: PreprocessConfig | None = None,
+    on_shard_done: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Plan (or reload the plan of) DIR, write this rank's missing shards, return `load_manifest(DIR)`."""
+    preprocess = preprocess or PreprocessConfig()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world = resolve_rank(config.rank, config.world_size)
+    manifest_path = out / MANIFEST
+    selection: TrainingSlices | None = None
+    if manifest_path.is_file():
+        manifest = load_manifest(out)
+        check_same_options(manifest, config, preprocess, manifest_path)
+    else:
+        selection = select_training_slices(load_slice_table(config))
+        manifest = make_manifest(config, preprocess, selection)
+        if rank == 0:
+            write_slice_table(selection.slices, out)
+            write_json_atomic(manifest_path, manifest)
+        manifest = with_shard_state(manifest, out)
+    mine = [s for i, s in enumerate(manifest["shards"]) if i % world == rank]
+    todo = [plan_from_entry(s) for s in mine if not (out / s["path"]).is_dir()]
+    print(
+        f"chunk: {len(manifest['shards'])} shards ({len(train_shards(manifest))} train, {len(val_shards(manifest))} val); "
+        f"rank {rank}/{world}: {len(mine)} shards, {len(todo)} to write; "
+        f"{len(manifest['problems'])} problem slices, {len(manifest['skipped_studies'])} skipped studies"
+    )
+    if todo:
+        if selection is None:
+            slices = pd.read_parquet(out / SLICE_TABLE)
+        else:
+            slices = selection.slices
+        write_shards(out, todo, slices, preprocess, config, on_shard_done)
+    if not manifest_path.is_file():  # rank > 0 with its own output folder: rank 0 holds the manifest
+        return with_shard_state(manifest, out)
+    final = load_manifest(out)
+    if final["complete"] and write_json_atomic(manifest_path, final):
+        print(f"chunk: all shards written; manifest updated: {manifest_path}")
+    return final
+
+
+def plan_from_entry(entry: dict[str, Any]) -> ShardPlan:
+    return ShardPlan(**{f.name: entry[f.name] for f in dataclasses.fields(ShardPlan)})
+
+
+def write_slice_table(slices: pd.DataFrame, out: Path) -> None:
+    partial = out / f"{TMP_PREFIX}{SLICE_TABLE}"
+    slices.to_parquet(partial, index=False)
+    os.replace(partial, out / SLICE_TABLE)
+
+
+def check_same_options(manifest: dict, config: ChunkConfig, preprocess: PreprocessConfig, path: Path) -> None:
+    saved = {**manifest["options"], **{f"preprocess.{k}": v for k, v in manifest["preprocess"].items()}}
+    wanted = {**config.plan_options(), **{f"preprocess.{k}": v for k, v in preprocess.to_dict().items()}}
+    differs = [f"{k}: {saved.get(k)!r} there, {wanted[k]!r} now" for k in wanted if saved.get(k) != wanted[k]]
+    if differs:
+        raise ValueError(f"{path} was planned with other options ({'; '.join(differs)}); use another --out folder")
+
+
+def write_shards(
+    out: Path,
+    todo: list[ShardPlan],
+    slices: pd.DataFrame,
+    preprocess: PreprocessConfig,
+    config: ChunkConfig,
+    on_shard_done: Callable[[dict[str, Any]], None] | None,
+) -> None:
+    for plan in todo:  # leftovers of a killed run of this rank
+        stale = out / f"{TMP_PREFIX}{plan.path}"
+        if stale.exists():
+            shutil.rmtree(stale)
+    wanted = {uid for plan in todo for uid in plan.studies}
+    slices = slices[slices["StudyInstanceUID"].isin(wanted)]
+    by_study = {uid: rows.reset_index(drop=True) for uid, rows in slices.groupby("StudyInstanceUID", sort=False)}
+    missing = wanted - set(by_study)
+    if missing:
+        raise ValueError(f"{out / SLICE_TABLE}: no slices for planned studies {sorted(missing)[:5]}")
+    tasks = [(uid, by_study[uid]["path"].astype(str).tolist()) for plan in todo for uid in plan.studies]
+    total = sum(len(by_study[uid]) for uid, _ in tasks)
+    studies = render_studies(tasks, preprocess, config.workers)
+    try:
+        with tqdm(total=total, unit="slice", desc="chunk", disable=not config.progress, smoothing=0.05) as bar:
+            for plan in todo:
+                bar.set_postfix_str(plan.path)
+                meta = write_shard(out, plan, studies, by_study, preprocess, bar)
+                if meta["problems"]:
+                    print(f"chunk: {plan.path}: {len(meta['problems'])} slice(s) failed to decode (see manifest problems)")
+                if on_shard_done is not None:
+                    on_shard_done(meta)
+    finally:
+        studies.close()  # stops the workers and frees the shared memory, also when interrupted
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from vit_spine.cli import parse_config
+
+    config, preprocess = parse_config(
+        ChunkConfig,
+        argv,
+        prog="vit-spine chunk",
+        description="Preprocess the labelled training slices into ~15k-slice shards (HF datasets) plus "
+        "validation shards, with a deterministic, label-stratified plan; resumable.",
+        positionals=("data_dir",),
+        extra_types=(PreprocessConfig,),
+    )
+    if not config.data_dir and not config.slice_table and not (Path(config.out) / MANIFEST).is_file():
+        print("vit-spine chunk: error: give DATA_DIR or --slice_table", file=sys.stderr)
+        return 2
+    try:
+        manifest = chunk(config, preprocess)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"vit-spine chunk: error: {error}", file=sys.stderr)
+        return 2
+    done = sum(s["complete"] for s in manifest["shards"])
+    print(f"chunk: {done}/{len(manifest['shards'])} shards complete in {config.out}")
+    return 0
