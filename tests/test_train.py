@@ -201,3 +201,23 @@ def test_changed_configuration_is_refused(toy_chunks, tmp_path):
     cfg = train.TrainConfig(chunks=str(toy_chunks), output=str(out), model_config="small", augment=False)
     with pytest.raises(ValueError, match="model_config: was 'tiny', now 'small'"):
         train.run_training(cfg, PoolingConfig(), make_args())
+
+
+def test_train_pushes_each_finished_shard_and_main_holds_the_best(toy_chunks, tmp_path, monkeypatch):
+    import huggingface_hub
+    from hub_server import FakeHub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_abc")
+    out = tmp_path / "run"
+    with FakeHub("hf_test_token_abc", user="alice") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        rows = run(toy_chunks, out, max_shards=2, patience=5,
+                   args={"learning_rate": 1e-3, "push_to_hub": True, "hub_model_id": "alice/spine"})
+        commits = hub.commits("alice/spine")
+        main_files = hub.files("alice/spine", "main")
+    assert len(commits) == 2
+    assert [c.message.split(":")[0] for c in commits] == ["shard 00000", "shard 00001"]
+    best = min(rows, key=lambda r: r["weighted_log_loss"])["shard"]
+    assert main_files["model.safetensors"] == (out / f"shard_{best:05d}" / "model.safetensors").read_bytes()
+    assert "README.md" in main_files

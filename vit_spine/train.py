@@ -265,6 +265,7 @@ class RunResult:
     rows: list[dict]  # one per finished shard, including shards finished by earlier invocations
     best_shard: int | None
     interrupted: bool  # stopped by a signal; run the same command again to continue
+    failed_pushes: list = field(default_factory=list)  # vit_spine.hub.PushResult of pushes that failed
 
 
 @dataclass
@@ -282,6 +283,7 @@ class Run:
     loss: MaskedBCELoss
     schedule_total: int
     state: PartialState
+    hub_model_id: str | None  # push every finished shard here (main holds the best)
 
     @property
     def output(self) -> Path:
@@ -290,6 +292,12 @@ class Run:
 
 def prepare_run(config: TrainConfig, pooling: PoolingConfig, args: TrainingArguments) -> Run:
     chunks, output = Path(config.chunks), Path(config.output)
+    hub_model_id = None
+    if args.push_to_hub:
+        if not args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id NAME (e.g. you/vit-spine)")
+        # we push each finished shard ourselves; the per-shard Trainer must not push on its own
+        hub_model_id, args.push_to_hub = args.hub_model_id, False
     manifest = chunking.load_manifest(chunks)
     image_size = int(manifest["preprocess"]["image_size"])
     entries = chunking.train_shards(manifest)[: config.max_shards]
@@ -331,6 +339,7 @@ def prepare_run(config: TrainConfig, pooling: PoolingConfig, args: TrainingArgum
         loss=MaskedBCELoss(fracture_pos_weight(positive_rate, config.fracture_pos_weight_max)),
         schedule_total=sum(update_steps(n, args) for n in sizes),
         state=state,
+        hub_model_id=hub_model_id,
     )
 
 
@@ -411,6 +420,7 @@ def run_training(
     stop = StopRequest()
     stop.install()
     interrupted = False
+    failed_pushes = []
     try:
         for k in range(len(run.train_sets)):
             if best is not None and max(done, default=-1) - best["shard"] >= config.patience:
@@ -433,13 +443,32 @@ def run_training(
                 if run.state.is_main_process:
                     point_best(run.output, k)
             print(format_table([row]).splitlines()[-1], flush=True)
+            if run.hub_model_id and run.state.is_main_process:
+                failed_pushes += push_shard(run, k, is_best=best["shard"] == k)
             if k - best["shard"] >= config.patience:
                 print(f"early stopping: {config.patience} shard(s) without improvement since shard {best['shard']}")
     finally:
         stop.uninstall()
     if run.state.is_main_process and best is not None:
         write_summary(run.output, rows, best)
-    return RunResult(rows=rows, best_shard=None if best is None else best["shard"], interrupted=interrupted)
+    for failure in failed_pushes:
+        print(f"push failed: {failure.summary()}")
+    return RunResult(
+        rows=rows,
+        best_shard=None if best is None else best["shard"],
+        interrupted=interrupted,
+        failed_pushes=failed_pushes,
+    )
+
+
+def push_shard(run: Run, k: int, is_best: bool) -> list:
+    """Push shard k (one commit); returns [result] if it failed. The local checkpoint is kept either way."""
+    from vit_spine.hub import push_checkpoint
+
+    result = push_checkpoint(shard_dir(run.output, k), run.hub_model_id, is_best=is_best, run_dir=run.output,
+                             private=bool(run.args.hub_private_repo))
+    print(result.summary(), flush=True)
+    return [] if result.ok else [result]
 
 
 def save_shard(trainer: Trainer, directory: Path, row: dict, run: Run, calibrator) -> None:
@@ -488,4 +517,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(format_table(result.rows))
         print(f"\nmetrics: {Path(config.output) / METRICS_FILE}; best checkpoint: {Path(config.output) / 'best'}")
-    return 130 if result.interrupted else 0
+    return 130 if result.interrupted else (1 if result.failed_pushes else 0)
