@@ -8,6 +8,7 @@ import pickle
 import shutil
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +231,7 @@ def test_fallback_when_imagecodecs_is_missing(jpeg_lossless_file, monkeypatch):
 def test_fallback_when_imagecodecs_fails(failure, jpeg_lossless_file, monkeypatch, caplog):
     expected = reference_hu(pydicom.dcmread(jpeg_lossless_file), "gdcm")
 
-    def broken_decode(data: bytes) -> np.ndarray:
+    def broken_decode(data: bytes, **kwargs) -> np.ndarray:
         if failure == "raises":
             raise RuntimeError("simulated libjpeg-turbo failure")
         return np.zeros((3, 3), np.uint16) if failure == "wrong_shape" else np.zeros((128, 128), np.uint8)
@@ -241,6 +242,23 @@ def test_fallback_when_imagecodecs_fails(failure, jpeg_lossless_file, monkeypatc
         hu = read_hu(jpeg_lossless_file)
     np.testing.assert_array_equal(hu, expected)
     assert "using pydicom's decoders" in caplog.text and str(jpeg_lossless_file) in caplog.text
+
+
+def test_results_never_share_the_per_thread_decode_buffer(tmp_path):
+    paths, expected = [], []
+    for seed in (1, 2):
+        ds = synthetic_ct_slice(64, z=float(seed), bits_stored=12, seed=seed)
+        expected.append(apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
+        encode_jpeg_lossless(ds)
+        paths.append(save(ds, tmp_path / f"{seed}.dcm"))
+    first, second = read_hu(paths[0]), read_hu(paths[1])
+    assert not np.shares_memory(first, second)
+    np.testing.assert_array_equal(first, expected[0])  # not overwritten by the second decode
+    np.testing.assert_array_equal(second, expected[1])
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(read_hu, paths * 20))
+    for i, hu in enumerate(results):
+        np.testing.assert_array_equal(hu, expected[i % 2])
 
 
 def test_multi_frame_is_refused_clearly():
@@ -413,6 +431,8 @@ def test_decode_bench_runs_and_reports_ratios(tmp_path, capsys):
     assert "JPEG Lossless" in out and "RLE Lossless" in out
     assert "read_hu output identical to pydicom+gdcm on 3/3 files" in out
     assert "pydicom+gdcm failed on 1 files" in out
+    assert decode_bench.main([str(tmp_path / "data"), "--limit", "1", "--repeats", "1"]) == 0
+    assert "1 of 4 .dcm files" in capsys.readouterr().out
 
 
 def test_decode_bench_says_when_there_is_nothing_to_time(tmp_path, capsys):
@@ -425,9 +445,9 @@ def _count_fast_decodes(monkeypatch) -> dict[str, int]:
     real = dicom._jpeg8_decode
     assert real is not None, "imagecodecs is installed in the dev environment"
 
-    def counting(data: bytes) -> np.ndarray:
+    def counting(data: bytes, **kwargs) -> np.ndarray:
         calls["n"] += 1
-        return real(data)
+        return real(data, **kwargs)
 
     monkeypatch.setattr(dicom, "_jpeg8_decode", counting)
     return calls

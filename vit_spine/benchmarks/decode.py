@@ -1,9 +1,9 @@
 """`vit-spine bench decode DIR`: slices/s of `read_hu` vs pydicom+gdcm vs pydicom+pylibjpeg.
 
 All three produce the same thing (float32 HU: decode, then the modality LUT) from the same files,
-timed in interleaved repetitions (the method order rotates every repetition) after one untimed
-pass that also checks that `read_hu` equals pydicom+gdcm file by file. Rates are the median over
-repetitions; a method that cannot decode a file (gdcm has no RLE) is left out of the comparisons
+timed in interleaved repetitions (block by block, the method order rotating) after one untimed
+pass that also checks that `read_hu` equals pydicom+gdcm file by file. Rates use each file's
+median time over the repetitions; a method that cannot decode a file (gdcm has no RLE) is left out of the comparisons
 that involve it, and counted.
 
 `--make_sample N` first writes N synthetic 512x512 CT slices, JPEG Lossless SV1 encoded with
@@ -12,7 +12,6 @@ gdcm like most RSNA 2022 slices, into DIR/synthetic_ct/, so the benchmark runs a
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,14 +36,17 @@ class DecodeBenchConfig:
     dir: str = field(metadata={"help": "folder searched recursively for .dcm files"})
     limit: int = field(default=200, metadata={"help": "use at most this many files (sorted by path); 0 = all"})
     repeats: int = field(default=5, metadata={"help": "timed passes over the files per method, interleaved"})
+    block: int = field(
+        default=10, metadata={"help": "files each method decodes back to back before the next method's turn"}
+    )
     make_sample: int = field(
         default=0,
         metadata={"help": "first write this many synthetic 512x512 JPEG Lossless CT slices into DIR/synthetic_ct/"},
     )
 
     def __post_init__(self) -> None:
-        if self.limit < 0 or self.repeats < 1 or self.make_sample < 0:
-            raise ValueError("--limit and --make_sample must be >= 0 and --repeats >= 1")
+        if self.limit < 0 or self.make_sample < 0 or self.repeats < 1 or self.block < 1:
+            raise ValueError("--limit and --make_sample must be >= 0, --repeats and --block >= 1")
 
 
 def synthetic_ct_slice(
@@ -174,31 +176,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     syntaxes = [_transfer_syntax_name(path) for path in paths]
 
     outputs_equal, failures = _check_pass(paths)
-    times = {name: np.full((config.repeats, len(paths)), np.nan) for name in METHODS}
-    for repeat in tqdm(range(config.repeats), desc="timing", unit="pass"):
-        order = METHODS[repeat % len(METHODS) :] + METHODS[: repeat % len(METHODS)]
-        for name in order:
-            for i, path in enumerate(paths):
-                if i in failures[name]:
-                    continue
-                start = time.perf_counter()
-                DECODERS[name](path)
-                times[name][repeat, i] = time.perf_counter() - start
+    times = _time_interleaved(paths, failures, config.repeats, config.block)
 
-    print(f"\ndecode: {len(paths)} of {found} .dcm files under {root}, {config.repeats} interleaved repeats, medians")
+    print(f"\ndecode: {len(paths)} of {found} .dcm files under {root}, {config.repeats} interleaved repeats, per-file medians")
     everything = np.ones(len(paths), dtype=bool)
     for baseline in BASELINES:
         ratio, count = _ratio(times["read_hu"], times[baseline], everything)
         print(f"read_hu / {baseline:<18} {_fmt_ratio(ratio)}  ({count} files)")
 
     groups = sorted(set(syntaxes))
-    print(f"\n{'transfer syntax':<44} {'files':>5} {'vs gdcm':>8} {'vs pylibjpeg':>12}   slices/s: read_hu, gdcm, pylibjpeg")
+    print(f"\n{'transfer syntax':<56} {'files':>5} {'vs gdcm':>8} {'vs pylibjpeg':>12}   slices/s: read_hu, gdcm, pylibjpeg")
     for group in [*groups, "all"]:
         mask = everything if group == "all" else np.array([s == group for s in syntaxes])
         vs_gdcm, _ = _ratio(times["read_hu"], times["pydicom+gdcm"], mask)
         vs_libjpeg, _ = _ratio(times["read_hu"], times["pydicom+pylibjpeg"], mask)
         rates = ", ".join(_fmt_rate(_rate(times[name], mask)) for name in METHODS)
-        print(f"{group[:44]:<44} {int(mask.sum()):>5} {_fmt_ratio(vs_gdcm):>8} {_fmt_ratio(vs_libjpeg):>12}   {rates}")
+        print(f"{group[:56]:<56} {int(mask.sum()):>5} {_fmt_ratio(vs_gdcm):>8} {_fmt_ratio(vs_libjpeg):>12}   {rates}")
 
     checked = len(paths) - len(failures["read_hu"] | failures["pydicom+gdcm"])
     print(f"\nread_hu output identical to pydicom+gdcm on {outputs_equal}/{checked} files both decode")
@@ -207,6 +200,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             reasons = sorted({reason for reason in failures[name].values()})
             print(f"{name} failed on {len(failures[name])} files: {'; '.join(reasons)[:300]}")
     return 0
+
+
+def _time_interleaved(
+    paths: list[Path], failures: dict[str, dict[int, str]], repeats: int, block: int
+) -> dict[str, np.ndarray]:
+    """Seconds per (repeat, file) for each method; NaN where the method failed in the check pass.
+
+    Each method decodes a block of files back to back, as it would in a pipeline (allocator and
+    caches in their steady state); the methods take turns block by block, in rotating order, so
+    that load from other processes on a shared machine falls on all of them alike.
+    """
+    times = {name: np.full((repeats, len(paths)), np.nan) for name in METHODS}
+    blocks = [range(start, min(start + block, len(paths))) for start in range(0, len(paths), block)]
+    for repeat in tqdm(range(repeats), desc="timing", unit="pass"):
+        for number, indices in enumerate(blocks):
+            turn = (repeat + number) % len(METHODS)
+            for name in METHODS[turn:] + METHODS[:turn]:
+                for i in indices:
+                    if i in failures[name]:
+                        continue
+                    start = time.perf_counter()
+                    DECODERS[name](paths[i])
+                    times[name][repeat, i] = time.perf_counter() - start
+    return times
 
 
 def _check_pass(paths: list[Path]) -> tuple[int, dict[str, dict[int, str]]]:
@@ -228,17 +245,17 @@ def _check_pass(paths: list[Path]) -> tuple[int, dict[str, dict[int, str]]]:
 def _transfer_syntax_name(path: Path) -> str:
     try:
         syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
-        return f"{syntax.name} ({syntax})"
+        return f"{syntax} {syntax.name}"
     except Exception as error:
         return f"unreadable ({type(error).__name__})"
 
 
 def _rate(seconds: np.ndarray, mask: np.ndarray) -> float:
-    """Slices per second over the files in `mask` that the method decoded (median repeat)."""
+    """Slices per second over the files in `mask` that the method decoded (per-file medians)."""
     usable = mask & np.isfinite(seconds[0])
     if not usable.any():
         return float("nan")
-    return usable.sum() / statistics.median(seconds[:, usable].sum(axis=1))
+    return usable.sum() / np.median(seconds[:, usable], axis=0).sum()
 
 
 def _ratio(ours: np.ndarray, baseline: np.ndarray, mask: np.ndarray) -> tuple[float, int]:
