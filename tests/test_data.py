@@ -6,7 +6,14 @@ import torch
 from transformers import default_data_collator
 
 from vit_spine.chunk import LABEL_COLUMNS, STUDY_LABEL_COLUMNS, RenderedStudy, ShardPlan, shard_features, write_shard
-from vit_spine.data import AugmentConfig, ShardDataset, augment_batch, balanced_sampler, positive_slices
+from vit_spine.data import (
+    AugmentConfig,
+    ShardDataset,
+    augment_batch,
+    balanced_sampler,
+    collate_batch,
+    positive_slices,
+)
 from vit_spine.preprocess import PreprocessConfig
 
 SIZE = 16
@@ -91,6 +98,21 @@ def test_dataloader_with_the_trainer_collator_batches_through_getitems(hf_shard)
     batches = list(loader)
     assert [b["pixel_values"].shape for b in batches] == [(8, 3, SIZE, SIZE)] * 5
     assert all(b["labels"].shape == (8, 14) for b in batches)
+
+
+def test_collate_batch_equals_the_trainer_collator_without_copying(hf_shard):
+    dataset = ShardDataset(hf_shard[0])
+    items = dataset.__getitems__([5, 30, 2])
+    ours, reference = collate_batch(items), default_data_collator(items)
+    assert ours.keys() == reference.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], reference[key], equal_nan=True, rtol=0, atol=0)
+    assert ours["pixel_values"].data_ptr() == items[0]["pixel_values"].data_ptr()
+    mixed = [dataset[1], dataset[0]]  # items of separate reads: stacked as usual
+    torch.testing.assert_close(collate_batch(mixed)["pixel_values"], default_data_collator(mixed)["pixel_values"])
+    assert collate_batch(mixed)["pixel_values"].data_ptr() != mixed[0]["pixel_values"].data_ptr()
+    reversed_rows = items[::-1]
+    torch.testing.assert_close(collate_batch(reversed_rows)["pixel_values"], torch.stack([i["pixel_values"] for i in reversed_rows]))
 
 
 def test_reads_a_shard_written_by_the_chunker_one_batch_per_study(tmp_path):

@@ -3,7 +3,8 @@
 `datasets` decodes an Array3D row by row into Python/numpy objects (about 4k img/s here, DESIGN.md
 pitfall 8). The shard's Arrow file is memory-mapped, and the uint8 pixels of each record batch are one
 contiguous buffer, so `ShardDataset` views them as numpy arrays (n, 3, S, S) without a copy and a batch
-is a fancy-indexed gather: memmap speed. Augmentation happens here, at read time, on whole batches.
+is one copy per slice out of the memory map: memmap speed. Augmentation happens here, at read time,
+on whole batches. `collate_batch` hands the batch to the model without stacking it again.
 """
 
 from __future__ import annotations
@@ -98,10 +99,36 @@ class ShardDataset(torch.utils.data.Dataset):
         local = indices - self._chunk_starts[chunk_of]
         size = self.image_size
         out = np.empty((len(indices), 3, size, size), np.uint8)
-        for c in np.unique(chunk_of):
-            rows = np.nonzero(chunk_of == c)[0]
-            out[rows] = self._pixel_chunks[c][local[rows]]
+        chunks = self._pixel_chunks
+        for row, (c, i) in enumerate(zip(chunk_of.tolist(), local.tolist())):
+            out[row] = chunks[c][i]  # one copy per slice, straight from the memory map
         return out
+
+
+def collate_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`default_data_collator` for ShardDataset items, without its copy when they come from one `__getitems__`.
+
+    `__getitems__` builds the whole batch as one tensor and hands out its rows; stacking them again
+    costs a full copy of the float32 batch (about a third of the loader's time). This returns that
+    tensor instead, and falls back to `torch.stack` for items of any other origin.
+    """
+    return {key: stack_rows([item[key] for item in items]) for key in items[0]}
+
+
+def stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    first = tensors[0]
+    storage, step = first.untyped_storage(), first.numel()
+    consecutive = all(
+        t.is_contiguous()
+        and t.shape == first.shape
+        and t.dtype == first.dtype
+        and t.untyped_storage().data_ptr() == storage.data_ptr()
+        and t.storage_offset() == first.storage_offset() + i * step
+        for i, t in enumerate(tensors)
+    )
+    if not consecutive:
+        return torch.stack(tensors)
+    return first.new_empty(0).set_(storage, first.storage_offset(), (len(tensors), *first.shape))
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:

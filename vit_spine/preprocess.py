@@ -113,7 +113,10 @@ def apply_window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
 def render_slice(hu: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """One HU slice -> uint8 (k, S, S): k = 1 window for 'bone25d', 3 for 'windows'."""
     small = resize_hu(hu, config.image_size)
-    return np.stack([apply_window(small, c, w) for c, w in config.window_list()])
+    windows = config.window_list()
+    if len(windows) == 1:
+        return apply_window(small, *windows[0])[None]
+    return np.stack([apply_window(small, c, w) for c, w in windows])
 
 
 def stack_channels(rendered: list[np.ndarray], config: PreprocessConfig, out: np.ndarray | None = None) -> np.ndarray:

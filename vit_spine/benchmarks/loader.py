@@ -1,0 +1,141 @@
+"""`vit-spine bench loader SHARD`: random training batches from a shard, three ways, side by side.
+
+- ours: `ShardDataset.__getitems__` + the Trainer's `default_data_collator` (what the DataLoader runs),
+  and with `vit_spine.data.collate_batch` instead (no second copy of the batch)
+- memmap: the same uint8 pixels in a plain .npy, `np.load(mmap_mode="r")[indices]`, same normalisation
+- datasets: `Dataset.with_format("torch")[indices]`, same normalisation
+
+Each way is timed twice: building the float32 (batch, 3, S, S) model input in [-1, 1], and the uint8
+read alone (the normalisation costs the same in every way and can dominate). The ways take turns
+(interleaved repetitions) so that machine noise hits all of them alike. Goals: ours/memmap >= 0.5,
+ours/datasets >= 5.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class LoaderBenchConfig:
+    shard: str = field(metadata={"help": "a shard folder written by `vit-spine chunk`."})
+    batch_size: int = field(default=256, metadata={"help": "slices per random batch."})
+    batches: int = field(default=10, metadata={"help": "batches timed per way and repetition."})
+    repeats: int = field(default=3, metadata={"help": "interleaved repetitions; the median is reported."})
+    augment: bool = field(default=False, metadata={"help": "time ShardDataset with read-time augmentation on."})
+    seed: int = field(default=0, metadata={"help": "seed of the random indices."})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from vit_spine.cli import parse_config
+
+    (config,) = parse_config(
+        LoaderBenchConfig,
+        argv,
+        prog="vit-spine bench loader",
+        description="img/s of ShardDataset random batches vs a numpy memmap and datasets with_format('torch').",
+        positionals=("shard",),
+    )
+    try:
+        run(config)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"vit-spine bench loader: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(config: LoaderBenchConfig) -> dict[str, float]:
+    import datasets
+    from transformers import default_data_collator
+
+    from vit_spine.data import ShardDataset, collate_batch, normalize
+
+    ours = ShardDataset(config.shard, augment=config.augment)
+    n = len(ours)
+    if n == 0:
+        raise ValueError(f"{config.shard}: empty shard")
+    batch = min(config.batch_size, n)
+    hf = datasets.load_from_disk(config.shard).with_format("torch", columns=["pixel_values", "labels"])
+    rng = np.random.default_rng(config.seed)
+
+    with tempfile.TemporaryDirectory(dir=Path(config.shard).parent) as tmp:
+        npy = Path(tmp) / "pixels.npy"
+        write_npy(ours, npy)
+        memmap = np.load(npy, mmap_mode="r")
+
+        def batch_ours(indices: np.ndarray) -> torch.Tensor:
+            return default_data_collator(ours.__getitems__(indices.tolist()))["pixel_values"]
+
+        def batch_ours_collate(indices: np.ndarray) -> torch.Tensor:
+            return collate_batch(ours.__getitems__(indices.tolist()))["pixel_values"]
+
+        def batch_memmap(indices: np.ndarray) -> torch.Tensor:
+            return normalize(torch.from_numpy(memmap[indices]))
+
+        def batch_datasets(indices: np.ndarray) -> torch.Tensor:
+            return normalize(hf[indices.tolist()]["pixel_values"])
+
+        ways: dict[str, Callable[[np.ndarray], object]] = {
+            # float32 model input, as the Trainer's DataLoader gets it
+            "ours": batch_ours,
+            "ours collate": batch_ours_collate,
+            "memmap": batch_memmap,
+            "datasets": batch_datasets,
+            # the uint8 read alone (normalisation, the same for every way, left out)
+            "ours uint8": lambda indices: ours.read_uint8(indices),
+            "memmap uint8": lambda indices: memmap[indices],
+            "datasets uint8": lambda indices: hf[indices.tolist()]["pixel_values"],
+        }
+        check = rng.choice(n, batch, replace=False)
+        if not config.augment:
+            reference = batch_memmap(check)
+            for name in ("ours", "ours collate", "datasets"):
+                if not torch.equal(ways[name](check), reference):
+                    raise RuntimeError(f"{name} read other pixels than the memmap: benchmark invalid")
+        rates: dict[str, list[float]] = {name: [] for name in ways}
+        for _ in range(config.repeats):
+            for name, read in ways.items():
+                batches = [rng.choice(n, batch, replace=False) for _ in range(config.batches)]
+                read(batches[0])  # warm the page cache for this way
+                start = time.perf_counter()
+                for indices in batches:
+                    read(indices)
+                rates[name].append(config.batches * batch / (time.perf_counter() - start))
+        del memmap
+
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    print(f"shard {config.shard}: {n} slices of {tuple(ours.read_uint8([0]).shape[1:])} uint8, "
+          f"batch {batch}, {config.batches} batches x {config.repeats} interleaved repetitions"
+          f"{', augment on' if config.augment else ''}")
+    for suffix, what in (
+        ("", "float32 model input, default_data_collator"),
+        (" collate", "float32 model input, collate_batch"),
+        (" uint8", "uint8 read only"),
+    ):
+        base = " uint8" if suffix == " uint8" else ""
+        print(f"{what}: ours / memmap {median['ours' + suffix] / median['memmap' + base]:.2f} (goal >= 0.5), "
+              f"ours / datasets {median['ours' + suffix] / median['datasets' + base]:.1f} (goal >= 5)")
+    for name in ways:
+        spread = ", ".join(f"{v:.0f}" for v in rates[name])
+        print(f"  {name:<15} {median[name]:9.0f} img/s   (repetitions: {spread})")
+    return median
+
+
+def write_npy(dataset, path: Path, block: int = 1024) -> None:
+    """The shard's pixels as a plain .npy file, written block by block."""
+    n = len(dataset)
+    shape = (n, *dataset.read_uint8([0]).shape[1:])
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    for start in range(0, n, block):
+        out[start : start + block] = dataset.read_uint8(np.arange(start, min(start + block, n)))
+    out.flush()
+    del out
