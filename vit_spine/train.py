@@ -374,7 +374,7 @@ def train_shard(run: Run, k: int, offset: int, stop: StopRequest, callbacks: Seq
         schedule_total=run.schedule_total,
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
-    if stop.requested:
+    if stop.requested and trainer.state.global_step < trainer.state.max_steps:
         print(
             f"stopped in shard {k} at step {trainer.state.global_step}; checkpoint in {args.output_dir}. "
             "Run the same command again (or ./run.sh resume ...) to continue.",
