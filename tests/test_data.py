@@ -1,3 +1,5 @@
+import pickle
+
 import datasets
 import numpy as np
 import pandas as pd
@@ -64,6 +66,15 @@ def test_pixels_are_a_read_only_view_of_the_arrow_buffers(hf_shard):
         assert not view.flags.owndata and not view.flags.writeable
     stored = datasets.load_from_disk(hf_shard[0]).with_format("numpy")["pixel_values"]
     np.testing.assert_array_equal(dataset.read_uint8(np.arange(40)), stored)
+
+
+def test_pickles_as_its_path_not_its_pixels(hf_shard):
+    dataset = ShardDataset(hf_shard[0], augment=True, augment_config=AugmentConfig(max_rotation=3.0))
+    blob = pickle.dumps(dataset)
+    assert len(blob) < 2000
+    copy = pickle.loads(blob)
+    assert copy.augment and copy.augment_config.max_rotation == 3.0
+    np.testing.assert_array_equal(copy.read_uint8([3, 30]), dataset.read_uint8([3, 30]))
 
 
 def test_metadata_arrays(hf_shard):

@@ -655,6 +655,9 @@ def chunk(
     if manifest_path.is_file():
         manifest = load_manifest(out)
         check_same_options(manifest, config, preprocess, manifest_path)
+        if config.data_dir and manifest["data_dir"] != str(Path(config.data_dir).resolve()):
+            print(f"chunk: note: {manifest_path} was planned from {manifest['data_dir']}; resuming that plan "
+                  f"with the slice paths in {out / SLICE_TABLE}")
     else:
         selection = select_training_slices(load_slice_table(config))
         manifest = make_manifest(config, preprocess, selection)

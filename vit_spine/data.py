@@ -72,6 +72,14 @@ class ShardDataset(torch.utils.data.Dataset):
         self.augment_config = augment_config or AugmentConfig()
         self._dataset = dataset  # keeps the memory map open for the views
 
+    def __getstate__(self) -> dict:
+        # DataLoader workers started with spawn get the path and reopen the memory map, instead of
+        # a pickled copy of every pixel.
+        return {"path": self.path, "augment": self.augment, "augment_config": self.augment_config}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["augment"], state["augment_config"])
+
     def __len__(self) -> int:
         return int(self._chunk_starts[-1])
 
