@@ -13,21 +13,12 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
 from vit_spine import train
-from vit_spine.chunk import FORMAT, SHARD_META
+from vit_spine.chunk import FORMAT, SHARD_META, shard_features
 from vit_spine.evaluation import PoolingConfig
 from vit_spine.model import IGNORE_INDEX, MaskedBCELoss
 
 SIZE = 32
-FEATURES = datasets.Features(
-    {
-        "pixel_values": datasets.Array3D((3, SIZE, SIZE), "uint8"),
-        "labels": datasets.Sequence(datasets.Value("float32"), length=14),
-        "study_labels": datasets.Sequence(datasets.Value("float32"), length=8),
-        "StudyInstanceUID": datasets.Value("string"),
-        "slice_number": datasets.Value("int32"),
-        "z": datasets.Value("float32"),
-    }
-)
+FEATURES = shard_features(SIZE)  # the chunker's own schema
 
 
 def write_toy_shard(path: Path, studies: list[str], rng: np.random.Generator, slices: int = 6) -> dict:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vit_spine import cli
 from vit_spine.cli import parse_config
 
 
@@ -30,42 +31,40 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "seed of the data and of training."})
 
 
-def step(title: str, command: list[str]) -> None:
-    print(f"\n=== {title}\n$ vit-spine {' '.join(command)}", flush=True)
-
-
-def run_step(title: str, module, command: list[str]) -> None:
-    step(title, command)
-    code = module.main(command)
+def run_step(title: str, name: str, command: list[str]) -> None:
+    """Run subcommand `name` in this process, printed as the command a user would type."""
+    shown = f"vit-spine {name} {' '.join(command)}"
+    print(f"\n=== {title}\n$ {shown}", flush=True)
+    code = cli.main([name, *command])
     if code:
-        raise SystemExit(f"demo: `vit-spine {' '.join(command)}` failed with exit code {code}")
+        raise SystemExit(f"demo: `{shown}` failed with exit code {code}")
 
 
 def run_demo(config: DemoConfig) -> None:
-    from vit_spine import chunk, evaluation, scan, synth, train
+    from vit_spine import evaluation, train
 
     started = time.time()
     workdir, chunks, output = Path(config.workdir), Path(config.chunks), Path(config.output)
     for folder in (workdir, chunks, output):  # the demo always starts from scratch, in its own folders only
         shutil.rmtree(folder, ignore_errors=True)
     data, table = workdir / "data", workdir / "slices.parquet"
-    run_step("1. synthetic RSNA-layout dataset", synth, [
+    run_step("1. synthetic RSNA-layout dataset", "synth", [
         str(data), "--studies", str(config.studies), "--test-studies", str(config.test_studies),
         "--slices", str(config.slices), "--size", str(config.size), "--seed", str(config.seed), "--workers", "2",
     ])
-    run_step("2. slice table", scan, [str(data), "--out", str(table), "--no-progress"])
-    run_step("3. shards", chunk, [
+    run_step("2. slice table", "scan", [str(data), "--out", str(table), "--no-progress"])
+    run_step("3. shards", "chunk", [
         str(data), "--slice-table", str(table), "--out", str(chunks), "--shard-size", str(config.shard_size),
         "--image-size", str(config.image_size), "--val-fraction", "0.25", "--ignore-folds", "--seed", str(config.seed),
         "--no-progress",
     ])
-    run_step("4. incremental training (tiny ViT)", train, [
+    run_step("4. incremental training (tiny ViT)", "train", [
         "--chunks", str(chunks), "--output", str(output), "--model-config", "tiny",
         "--num_train_epochs", str(config.epochs_per_shard), "--per_device_train_batch_size", "32",
         "--learning_rate", "1e-3", "--warmup_steps", "0.1", "--patience", "2", "--seed", str(config.seed),
         "--logging_steps", "20", "--disable_tqdm", "True", "--use_cpu", "True",
     ])
-    run_step("5. evaluate the best checkpoint", evaluation, [str(output), "--chunks", str(chunks)])
+    run_step("5. evaluate the best checkpoint", "evaluate", [str(output), "--chunks", str(chunks)])
     rows = train.read_metrics(output)
     print("\n=== per shard: validation weighted log loss (cross-fitted calibration), raw, the constant-prevalence "
           "baseline on the same studies, AUC")

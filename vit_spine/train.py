@@ -31,7 +31,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from vit_spine import chunk as chunking
 from vit_spine.cli import parse_config
-from vit_spine.data import ShardDataset
+from vit_spine.data import ShardDataset, balanced_sampler
 from vit_spine.evaluation import (
     CHECKPOINT_META,
     PoolingConfig,
@@ -72,6 +72,13 @@ class TrainConfig:
         metadata={"help": "positive weight of the fracture targets = min(this, negatives/positives of the training slices)."},
     )
     augment: bool = field(default=True, metadata={"help": "random augmentation of training slices at read time."})
+    positive_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "draw fracture-positive slices with this probability (balanced sampling, with replacement); "
+            "default: plain shuffling. Not combinable with --replay-fraction."
+        },
+    )
     keep_trainer_checkpoints: bool = field(
         default=False,
         metadata={"help": "keep each finished shard's intermediate Trainer checkpoints (optimizer state; large)."},
@@ -84,6 +91,11 @@ class TrainConfig:
             raise ValueError(f"--replay-fraction must be in [0, 1], got {self.replay_fraction}")
         if self.patience < 1:
             raise ValueError(f"--patience must be >= 1, got {self.patience}")
+        if self.positive_fraction is not None:
+            if not 0 < self.positive_fraction < 1:
+                raise ValueError(f"--positive-fraction must be in (0, 1), got {self.positive_fraction}")
+            if self.replay_fraction > 0:
+                raise ValueError("--positive-fraction and --replay-fraction cannot be combined")
 
 
 # Our defaults for TrainingArguments (the user may override any of them on the command line).
@@ -116,13 +128,37 @@ def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
     return {"pixel_values": pixels, "labels": torch.nan_to_num(labels, nan=IGNORE_INDEX)}
 
 
+class EpochSeededSampler(torch.utils.data.Sampler):
+    """Balanced sampling whose draws depend only on (seed, epoch), so a resumed shard skips to the same batches."""
+
+    def __init__(self, dataset: ShardDataset, positive_fraction: float, seed: int):
+        self.dataset, self.positive_fraction, self.seed, self.epoch = dataset, positive_fraction, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        return iter(balanced_sampler(self.dataset, self.positive_fraction, generator=generator))
+
+
 class ShardTrainer(Trainer):
     """A Trainer whose LR schedule is one slice of a schedule spanning every shard of the run."""
 
-    def __init__(self, *args, schedule_offset: int = 0, schedule_total: int = 1, **kwargs):
+    def __init__(self, *args, schedule_offset: int = 0, schedule_total: int = 1, positive_fraction: float | None = None, **kwargs):
         self.schedule_offset = schedule_offset
         self.schedule_total = schedule_total
+        self.positive_fraction = positive_fraction
         super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.positive_fraction is None:
+            return super()._get_train_sampler(train_dataset)
+        return EpochSeededSampler(dataset, self.positive_fraction, self.args.seed)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
@@ -372,6 +408,7 @@ def train_shard(run: Run, k: int, offset: int, stop: StopRequest, callbacks: Seq
         callbacks=[stop, *callbacks],
         schedule_offset=offset,
         schedule_total=run.schedule_total,
+        positive_fraction=run.config.positive_fraction,
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
     if stop.requested and trainer.state.global_step < trainer.state.max_steps:
