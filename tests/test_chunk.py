@@ -77,6 +77,17 @@ def test_plan_is_deterministic_and_seeded():
     assert first[0] != other[0]
 
 
+def test_plan_without_validation_and_with_tiny_data():
+    studies = fake_studies(5, 3)
+    plans, validation = plan_shards(studies, 15000, 0.0, None, seed=0)
+    assert [p.path for p in plans] == ["shard_00000"] and validation["num_studies"] == 0
+    check_plan_covers_studies(plans, studies)
+    plans, _ = plan_shards(studies, 300, 0.0, None, seed=0)
+    assert len(plans) == 5  # one study per shard at most: no empty shard
+    assert all(len(p.studies) == 1 for p in plans)
+    check_plan_covers_studies(plans, studies)
+
+
 def test_plan_holds_out_a_fold_when_there_is_one():
     studies = fake_studies(300, 2, folds=True)
     plans, validation = plan_shards(studies, 15000, 0.1, None, seed=0)

@@ -288,8 +288,9 @@ def choose_validation(ordered: pd.DataFrame, val_fraction: float, val_fold: int 
     return np.diff(np.floor(position)) > 0
 
 
-def number_of_shards(num_slices: int, shard_size: int) -> int:
-    return max(1, int(round(num_slices / shard_size))) if num_slices else 0
+def number_of_shards(num_slices: int, shard_size: int, num_studies: int) -> int:
+    """round(num_slices / shard_size), at least 1 and at most one shard per study (0 without studies)."""
+    return min(max(1, int(round(num_slices / shard_size))), num_studies) if num_slices else 0
 
 
 def deal(ordered: pd.DataFrame, num_shards: int) -> list[list[int]]:
@@ -300,6 +301,8 @@ def deal(ordered: pd.DataFrame, num_shards: int) -> list[list[int]]:
     slices`: label counts and slice counts stay even. With RSNA prevalences the count of every target
     (patient_overall, C1..C7) differs by at most 2 between any two shards (tests/test_chunk.py).
     """
+    if num_shards == 0:
+        return []
     labels = ordered[list(STUDY_TARGETS)].to_numpy(np.float64)
     sizes = ordered["num_slices"].to_numpy(np.float64)
     expected = np.maximum(labels.sum(axis=0) / max(num_shards, 1), 1e-9)
@@ -343,7 +346,7 @@ def plan_shards(
     plans = []
     for split, prefix, rows in (("train", "shard", ~is_val), ("val", "val", is_val)):
         part = ordered[rows].reset_index(drop=True)
-        for index, members in enumerate(deal(part, number_of_shards(int(part["num_slices"].sum()), shard_size))):
+        for index, members in enumerate(deal(part, number_of_shards(int(part["num_slices"].sum()), shard_size, len(part)))):
             chosen = part.iloc[members]
             plans.append(
                 ShardPlan(
