@@ -575,7 +575,7 @@ def write_shard(
     import pyarrow as pa
 
     final, tmp = out / plan.path, out / f"{TMP_PREFIX}{plan.path}"
-    if tmp.exists():
+    if tmp.exists():  # left by a killed run
         shutil.rmtree(tmp)
     tmp.mkdir()
     features = shard_features(preprocess.image_size)
@@ -715,12 +715,10 @@ def write_shards(
     config: ChunkConfig,
     on_shard_done: Callable[[dict[str, Any]], None] | None,
 ) -> None:
-    for plan in todo:  # leftovers of a killed run of this rank
-        stale = out / f"{TMP_PREFIX}{plan.path}"
-        if stale.exists():
-            shutil.rmtree(stale)
     wanted = {uid for plan in todo for uid in plan.studies}
-    slices = slices[slices["StudyInstanceUID"].isin(wanted)]
+    slices = slices[slices["StudyInstanceUID"].isin(wanted)].sort_values(
+        ["StudyInstanceUID", "z", "slice_number"], kind="stable"
+    )
     by_study = {uid: rows.reset_index(drop=True) for uid, rows in slices.groupby("StudyInstanceUID", sort=False)}
     missing = wanted - set(by_study)
     if missing:
