@@ -33,6 +33,9 @@ class LoaderBenchConfig:
     repeats: int = field(default=3, metadata={"help": "interleaved repetitions; the median is reported."})
     augment: bool = field(default=False, metadata={"help": "time ShardDataset with read-time augmentation on."})
     seed: int = field(default=0, metadata={"help": "seed of the random indices."})
+    threads: int = field(
+        default=1, metadata={"help": "torch threads (DataLoader workers run with 1, the default here)."}
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,6 +62,7 @@ def run(config: LoaderBenchConfig) -> dict[str, float]:
 
     from vit_spine.data import ShardDataset, collate_batch, normalize
 
+    torch.set_num_threads(config.threads)
     ours = ShardDataset(config.shard, augment=config.augment)
     n = len(ours)
     if n == 0:
@@ -114,7 +118,8 @@ def run(config: LoaderBenchConfig) -> dict[str, float]:
 
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(f"shard {config.shard}: {n} slices of {tuple(ours.read_uint8([0]).shape[1:])} uint8, "
-          f"batch {batch}, {config.batches} batches x {config.repeats} interleaved repetitions"
+          f"batch {batch}, {config.batches} batches x {config.repeats} interleaved repetitions, "
+          f"{config.threads} torch thread(s)"
           f"{', augment on' if config.augment else ''}")
     for suffix, what in (
         ("", "float32 model input, default_data_collator"),
