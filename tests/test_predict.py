@@ -87,7 +87,13 @@ def test_a_test_csv_asking_for_some_rows_gets_only_those_in_its_order(run_dir, s
     subset.to_csv(tmp_path / "test.csv", index=False)
     result = predict_studies(run_dir, [synth_data / "test_images"], studies=tmp_path / "test.csv", progress=False)
     assert result.submission["row_id"].tolist() == subset["row_id"].tolist()
-    assert result.num_studies == subset["StudyInstanceUID"].nunique()
+    assert result.num_studies == subset["StudyInstanceUID"].nunique() == len(table["StudyInstanceUID"].unique())
+    # a test.csv listing fewer studies than the folder holds: only those are predicted, the rest counted
+    one_study = table[table["StudyInstanceUID"] == table["StudyInstanceUID"].iloc[0]]
+    one_study.to_csv(tmp_path / "one.csv", index=False)
+    result = predict_studies(run_dir, [synth_data / "test_images"], studies=tmp_path / "one.csv", progress=False)
+    assert result.num_studies == 1 and result.submission["row_id"].tolist() == one_study["row_id"].tolist()
+    assert sorted(result.unlisted) == sorted(set(table["StudyInstanceUID"]) - {one_study["StudyInstanceUID"].iloc[0]})
 
 
 def test_without_studies_csv_every_study_gets_eight_rows_in_target_order(folder_predictions, synth_data, test_images):
@@ -185,3 +191,10 @@ def test_bad_paths_and_mismatched_checkpoints_are_clear_errors(run_dir, synth_da
     wrong = write_checkpoint(tmp_path / "wrong", None, PreprocessConfig(image_size=32))
     with pytest.raises(ValueError, match="64 px"):
         predict_studies(wrong, [synth_data / "test_images"], progress=False)
+
+
+def test_decoding_in_worker_processes_gives_the_same_predictions(run_dir, test_images, folder_predictions):
+    result = predict_studies(run_dir, [test_images], workers=1, progress=False)
+    assert result.submission["row_id"].tolist() == folder_predictions.submission["row_id"].tolist()
+    np.testing.assert_array_equal(result.submission["fractured"].to_numpy(), folder_predictions.submission["fractured"].to_numpy())
+    assert result.decode_seconds > 0 and result.num_slices == folder_predictions.num_slices

@@ -308,6 +308,7 @@ class Predictions:
     submission: pd.DataFrame  # row_id, fractured
     slices: pd.DataFrame  # StudyInstanceUID, slice_number, z, fracture_C1..C7, visible_C1..C7
     problems: list[tuple[str, str]]  # (path, reason) of every slice or folder skipped
+    unlisted: list[str]  # studies found under the paths but not asked for by --studies, so not predicted
     checkpoint: Path
     num_studies: int
     num_slices: int
@@ -338,9 +339,12 @@ def predict_studies(
     predictor = load_predictor(checkpoint, device)
     folders, problems = find_study_folders(paths)
     test_table = None
+    unlisted: list[str] = []
     if studies is not None:
         test_table = read_test_table(studies)
-        folders = select_listed_studies(folders, test_table, str(studies))
+        listed = select_listed_studies(folders, test_table, str(studies))
+        unlisted = sorted({f.uid for f in folders} - {f.uid for f in listed})
+        folders = listed
 
     results: list[StudyPrediction] = []
     decode_seconds = wait_seconds = 0.0
@@ -370,6 +374,7 @@ def predict_studies(
         submission=submission,
         slices=slices,
         problems=problems,
+        unlisted=unlisted,
         checkpoint=predictor.checkpoint,
         num_studies=len(results),
         num_slices=len(slices),
@@ -428,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.slices_out:
         write_table(result.slices, Path(config.slices_out))
         print(f"slice scores: {config.slices_out}")
+    if result.unlisted:
+        print(f"{len(result.unlisted)} study folder(s) not listed in {config.studies} were not predicted")
     if result.problems:
         print(problem_summary(result.problems), file=sys.stderr)
     return 0

@@ -9,9 +9,9 @@ Figures (pixel sizes are fixed; matplotlib Agg, 100 dpi):
   on the validation studies.
 - calibration.png (1200x500): reliability of the best checkpoint's study probabilities, raw and after
   cross-fitted calibration, and their distribution.
-- profile_NN.png (1200x450 each): for a few validation studies, the fracture probability of every
+- profile_NN.png (1200x600 each): for a few validation studies, the fracture probability of every
   slice along z per vertebra, the true fractured vertebrae drawn thick and named in the title, the
-  slices labelled fractured shaded.
+  slices labelled fractured shaded; below, the predicted visibility of each vertebra along z.
 - saliency_NN.png (1200x520 each): the top-scoring validation slices, the CT slice next to a
   SmoothGrad input-gradient map of the predicted vertebra's logit (SDPA attention gives no attention
   weights to roll out; gradients need none).
@@ -35,6 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from vit_spine import STUDY_TARGETS, VERTEBRAE  # noqa: E402
 
@@ -44,7 +45,7 @@ SIZES = {  # (width, height) in pixels
     "training_loss": (1200, 500),
     "roc_curves": (1600, 800),
     "calibration": (1200, 500),
-    "profile": (1200, 450),
+    "profile": (1200, 600),
     "saliency": (1200, 520),
 }
 VERTEBRA_COLORS = dict(zip(VERTEBRAE, plt.get_cmap("tab10").colors))
@@ -64,6 +65,7 @@ class ReportConfig:
     smoothgrad_samples: int = field(default=8, metadata={"help": "noisy copies averaged per gradient map (SmoothGrad)."})
     batch_size: int = field(default=64, metadata={"help": "slices per forward pass when predicting the validation shard(s)."})
     seed: int = field(default=42, metadata={"help": "seed of the cross-fitted calibration folds and of SmoothGrad noise."})
+    device: str = field(default="auto", metadata={"help": "torch device: auto (cuda when available), cpu, cuda ..."})
 
     def __post_init__(self) -> None:
         if self.studies < 0 or self.saliency_slices < 0:
@@ -136,25 +138,17 @@ class ValidationPredictions:
         raise IndexError(index)
 
 
-def predict_validation(checkpoint: Path, chunks: Path, model, batch_size: int, seed: int) -> ValidationPredictions:
-    """Predict the validation shard(s) of `chunks` with `model` and score them as training does."""
-    from torch.utils.data import ConcatDataset
-
+def predict_validation(predictor, chunks: Path, batch_size: int, seed: int) -> ValidationPredictions:
+    """Predict the validation shard(s) of `chunks` with a loaded checkpoint and score them as training does."""
     from vit_spine import chunk as chunking
     from vit_spine.data import ShardDataset
-    from vit_spine.evaluation import (
-        PoolingConfig,
-        ValidationSet,
-        predict_slices,
-        read_checkpoint_meta,
-        score_predictions,
-        train_prevalence,
-    )
+    from vit_spine.evaluation import ValidationSet, score_predictions, train_prevalence
 
-    meta = read_checkpoint_meta(checkpoint)
     manifest = chunking.load_manifest(chunks)
-    if manifest["preprocess"] != meta["preprocess"]:
-        raise ValueError(f"{chunks} was preprocessed differently from what {checkpoint} was trained on")
+    from vit_spine.preprocess import PreprocessConfig
+
+    if PreprocessConfig.from_dict(manifest["preprocess"]) != predictor.preprocess:
+        raise ValueError(f"{chunks} was preprocessed differently from what {predictor.checkpoint} was trained on")
     shards = [ShardDataset(chunks / entry["path"]) for entry in chunking.val_shards(manifest)]
     if not shards:
         raise ValueError(f"{chunks / 'manifest.json'} lists no validation shard")
@@ -166,10 +160,15 @@ def predict_validation(checkpoint: Path, chunks: Path, model, batch_size: int, s
         study_ids=np.concatenate([s.study_ids for s in shards]),
         study_labels=np.concatenate([s.study_labels for s in shards]),
     )
-    dataset = shards[0] if len(shards) == 1 else ConcatDataset(shards)
-    probs = predict_slices(model, dataset, batch_size)
-    pooling = PoolingConfig(**meta.get("pooling", {}))
-    scores, _, studies = score_predictions(probs, validation, prevalence, pooling, seed=seed)
+    # the same forward pass `vit-spine predict` runs, on the stored uint8 pixels
+    probs = np.concatenate(
+        [
+            predictor.slice_probabilities(shard.read_uint8(np.arange(start, min(start + batch_size, len(shard)))), batch_size)
+            for shard in shards
+            for start in tqdm(range(0, len(shard), batch_size), desc=f"predicting {shard.path.name}", unit="batch")
+        ]
+    )
+    scores, _, studies = score_predictions(probs, validation, prevalence, predictor.pooling, seed=seed)
     return ValidationPredictions(
         slice_probs=probs,
         study_ids=validation.study_ids,
@@ -290,7 +289,7 @@ def plot_calibration(labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray
         xlim=(0, 1),
         ylim=(-0.02, 1.02),
     )
-    ax_rel.legend(fontsize=9, loc="upper left")
+    ax_rel.legend(fontsize=9, loc="upper left", title="marker area ∝ (study, target) pairs in the bin", title_fontsize=8)
     ax_hist.set(title="Distribution of study-level probabilities", xlabel="predicted probability", ylabel="count (study x target)")
     ax_hist.legend(fontsize=9)
     for ax in (ax_rel, ax_hist):
@@ -320,30 +319,39 @@ def plot_profile(predictions: ValidationPredictions, study_index: int, path: Pat
     rows = np.nonzero(predictions.study_ids == uid)[0]
     rows = rows[np.argsort(predictions.zs[rows], kind="stable")]
     z = predictions.zs[rows]
-    fig, ax = new_figure("profile")
+    fracture = predictions.slice_probs[rows, : len(VERTEBRAE)]
+    visible = predictions.slice_probs[rows, len(VERTEBRAE) :]
+    fig, (ax, ax_vis) = new_figure("profile", nrows=2, sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
     fractured = [v for j, v in enumerate(VERTEBRAE) if truth[j + 1] == 1]
+    top = min(1.02, max(0.1, 1.1 * float(fracture.max())))  # zoom in on weak models, never hide 0
     for j, vertebra in enumerate(VERTEBRAE):
+        color = VERTEBRA_COLORS[vertebra]
         is_fractured = vertebra in fractured
         ax.plot(
             z,
-            predictions.slice_probs[rows, j],
-            color=VERTEBRA_COLORS[vertebra],
+            fracture[:, j],
+            color=color,
             lw=3.0 if is_fractured else 1.2,
             ls="-" if is_fractured else "--",
-            label=f"{vertebra}{' (fractured)' if is_fractured else ''}  study p={probs[j + 1]:.2f}",
+            label=f"{vertebra}{' (fractured)' if is_fractured else ''}  calibrated study p={probs[j + 1]:.2f}",
         )
         labelled = predictions.slice_labels[rows, j] == 1
         if labelled.any():
-            ax.fill_between(z, 0, 1, where=labelled, color=VERTEBRA_COLORS[vertebra], alpha=0.12, step="mid", lw=0)
+            ax.fill_between(z, 0, top, where=labelled, color=color, alpha=0.15, step="mid", lw=0)
+        ax_vis.plot(z, visible[:, j], color=color, lw=1.5)
     truth_text = ", ".join(fractured) if fractured else "none"
     ax.set(
         title=f"Study {uid}: true fractured vertebrae: {truth_text}; patient p={probs[0]:.2f} (label {int(truth[0])})",
-        xlabel="z position (mm, ascending)",
         ylabel="slice fracture probability",
-        ylim=(-0.02, 1.02),
+        ylim=(0, top),
     )
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), title="vertebra  (shaded: slices labelled fractured)", title_fontsize=8)
-    ax.grid(alpha=0.3)
+    ax_vis.set(
+        title="predicted visibility of each vertebra (same colours)", xlabel="z position (mm, ascending)",
+        ylabel="p(visible)", ylim=(-0.02, 1.02),
+    )
+    for axis in (ax, ax_vis):
+        axis.grid(alpha=0.3)
     return save(fig, path)
 
 
@@ -474,7 +482,7 @@ def build_report(config: ReportConfig) -> tuple[Path, list[Figure]]:
     import torch
 
     from vit_spine.evaluation import default_chunks, resolve_checkpoint
-    from vit_spine.model import load_model
+    from vit_spine.predict import load_predictor
 
     run_dir = Path(config.run_dir)
     out = Path(config.out) if config.out else run_dir / "report"
@@ -487,8 +495,9 @@ def build_report(config: ReportConfig) -> tuple[Path, list[Figure]]:
     curves, notes = training_loss_curves(run_dir, rows)
     figures.append(Figure(plot_training_loss(curves, notes, out / "training_loss.png"), "Training loss across shards (dotted lines: shard starts)."))
 
-    model = load_model(checkpoint).eval()
-    predictions = predict_validation(checkpoint, chunks, model, config.batch_size, config.seed)
+    predictor = load_predictor(checkpoint, config.device)
+    model = predictor.model
+    predictions = predict_validation(predictor, chunks, config.batch_size, config.seed)
     studies = predictions.studies
     figures.append(Figure(plot_roc_curves(studies["labels"], studies["raw"], out / "roc_curves.png"), "ROC curves per target, best checkpoint, validation studies."))
     figures.append(Figure(plot_calibration(studies["labels"], studies["raw"], studies["calibrated"], out / "calibration.png"), "Reliability of study probabilities before and after calibration."))
