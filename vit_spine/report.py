@@ -209,7 +209,8 @@ def plot_shard_scores(rows: list[dict], path: Path) -> Path:
     for target in STUDY_TARGETS:
         values = [np.nan if r.get("auc", {}).get(target) is None else r["auc"][target] for r in rows]
         style = dict(lw=2.5, marker="o") if target == "patient_overall" else dict(lw=1.2, marker=".", alpha=0.85)
-        ax_auc.plot(shards, values, color=TARGET_COLORS[target], label=target, **style)
+        label = target if not np.isnan(values).all() else f"{target} (n/a: one class in validation)"
+        ax_auc.plot(shards, values, color=TARGET_COLORS[target], label=label, **style)
     ax_auc.axhline(0.5, color="gray", ls=":", lw=2, label="chance / constant baseline")
     ax_auc.set(title="Validation AUC per target (higher is better)", xlabel="shard", ylabel="AUC", ylim=(-0.02, 1.02))
     ax_auc.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -486,8 +487,10 @@ def build_report(config: ReportConfig) -> tuple[Path, list[Figure]]:
 
     run_dir = Path(config.run_dir)
     out = Path(config.out) if config.out else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
     rows = read_run_metrics(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("profile_*.png"), *out.glob("saliency_*.png")]:
+        old.unlink()  # an earlier report may have drawn more of them; index.html must match the folder
     checkpoint = resolve_checkpoint(run_dir)
     chunks = Path(config.chunks) if config.chunks else default_chunks(checkpoint)
 
