@@ -150,23 +150,27 @@ def default_chunks(checkpoint: Path) -> Path:
 
 
 def predict_slices(model, dataset, batch_size: int) -> np.ndarray:
-    """Sigmoid probabilities (n, 14) for every slice of `dataset`, in order (all processes get all rows)."""
+    """Sigmoid probabilities (n, 14) for every slice of `dataset`, in order (all processes get all rows).
+
+    Runs through `Trainer.predict`, which shards the work across processes under `accelerate launch`
+    and gathers the predictions with the distributed sampler's padding removed.
+    """
+    import tempfile
+
+    import torch
     from transformers import Trainer, TrainingArguments
 
     from vit_spine.train import collate
 
-    args = TrainingArguments(
-        output_dir="unused",
-        per_device_eval_batch_size=batch_size,
-        report_to="none",
-        remove_unused_columns=False,
-        bf16=False,
-        disable_tqdm=False,
-    )
-    if args.device.type == "cuda" and __import__("torch").cuda.is_bf16_supported():
-        args.bf16_full_eval = True
-    trainer = Trainer(model=model, args=args, data_collator=collate)
-    logits = trainer.predict(dataset).predictions
+    with tempfile.TemporaryDirectory() as scratch:  # the Trainer wants an output folder; it writes nothing we keep
+        args = TrainingArguments(
+            output_dir=scratch,
+            per_device_eval_batch_size=batch_size,
+            report_to="none",
+            remove_unused_columns=False,
+            bf16_full_eval=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        )
+        logits = Trainer(model=model, args=args, data_collator=collate).predict(dataset).predictions
     return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
 

@@ -97,6 +97,9 @@ class SynthConfig:
         default=0.5, metadata={"help": "fraction of train studies that get segmentations/<uid>.nii (at least one)"})
     box_fraction: float = field(
         default=0.5, metadata={"help": "fraction of fractured train studies that get bounding boxes (at least one)"})
+    fracture_width: float = field(
+        default=0.025,
+        metadata={"help": "width of a planted cortical break as a fraction of the image side (wider = easier to learn)"})
     workers: int = field(default=1, metadata={"help": "processes writing studies in parallel"})
     overwrite: bool = field(default=False, metadata={"help": "replace the dataset files already in OUT"})
 
@@ -117,6 +120,8 @@ class SynthConfig:
                 raise ValueError(f"--{name} must be in [0, 1] (got {getattr(self, name)})")
         if self.workers < 1:
             raise ValueError(f"--workers must be at least 1 (got {self.workers})")
+        if not 0.0 < self.fracture_width <= 0.2:
+            raise ValueError(f"--fracture_width must be in (0, 0.2] (got {self.fracture_width})")
 
     @property
     def train_studies(self) -> int:
@@ -201,6 +206,7 @@ class StudyPlan:
     with_segmentation: bool
     with_boxes: bool
     seed: tuple[int, int]  # seeds the anatomy, fractures and noise
+    fracture_width: float = 0.025  # gap width / image side
 
     @property
     def study_number(self) -> str:
@@ -240,6 +246,7 @@ def plan_studies(config: SynthConfig) -> list[StudyPlan]:
             with_segmentation=is_train and i in with_seg,
             with_boxes=is_train and i in with_boxes,
             seed=(config.seed, i),
+            fracture_width=config.fracture_width,
         ))
     return plans
 
@@ -424,7 +431,7 @@ def build_anatomy(plan: StudyPlan) -> Anatomy:
             parts.append(Part("C2 dens", label, body_top - 0.6 * unit, body_top, dens_mask & ~dens_inner, cortical_hu,
                               interior=dens_inner, interior_hu=cancellous_hu))
 
-    fractures = _plant_fractures(plan, parts, grid, rng, gap_width=max(2.0, 0.025 * S))
+    fractures = _plant_fractures(plan, parts, grid, rng, gap_width=max(2.0, plan.fracture_width * S))
     thickness = round(u(150, 190) / N, 3)
     return Anatomy(
         base_hu=base, fov_mask=fov_mask, parts=parts, fractures=fractures, gap_hu=u(30, 80),
