@@ -216,3 +216,17 @@ def test_train_pushes_each_finished_shard_and_main_holds_the_best(toy_chunks, tm
     best = min(rows, key=lambda r: r["weighted_log_loss"])["shard"]
     assert main_files["model.safetensors"] == (out / f"shard_{best:05d}" / "model.safetensors").read_bytes()
     assert "README.md" in main_files
+
+
+def test_evaluate_reproduces_the_logged_metric_of_the_best_shard(toy_chunks, tmp_path, capsys):
+    from vit_spine.evaluation import main as evaluate_main
+
+    out = tmp_path / "run"
+    rows = run(toy_chunks, out, max_shards=2, patience=5, args={"learning_rate": 1e-3, "seed": 3})
+    best = min(rows, key=lambda r: r["weighted_log_loss"])
+    assert evaluate_main([str(out), "--chunks", str(toy_chunks)]) == 0  # a run folder stands for its best
+    result = json.loads((out / f"shard_{best['shard']:05d}" / "eval_results.json").read_text())
+    assert result["shard"] == best["shard"]
+    for key in ("weighted_log_loss", "weighted_log_loss_uncalibrated", "baseline_weighted_log_loss"):
+        assert result[key] == pytest.approx(best[key], abs=1e-12)
+    assert "baseline" in capsys.readouterr().out

@@ -129,7 +129,9 @@ class EvaluateConfig:
     )
     out: str | None = field(default=None, metadata={"help": "write the metrics as JSON here (default CHECKPOINT/eval_results.json)."})
     batch_size: int = field(default=64, metadata={"help": "slices per forward pass."})
-    seed: int = field(default=42, metadata={"help": "seed of the cross-fitted calibration folds (training uses its --seed)."})
+    seed: int | None = field(
+        default=None, metadata={"help": "seed of the cross-fitted calibration folds (default: the training run's --seed)."}
+    )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -193,7 +195,8 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict:
     )
     probs = predict_slices(load_model(checkpoint), val_dataset, config.batch_size)
     pooling = PoolingConfig(**meta.get("pooling", {}))
-    row, _, _ = score_predictions(probs, validation, prevalence, pooling, seed=config.seed)
+    seed = config.seed if config.seed is not None else meta.get("seed", 42)
+    row, _, _ = score_predictions(probs, validation, prevalence, pooling, seed=seed)
     return {"checkpoint": str(checkpoint), "chunks": str(chunks), "shard": meta.get("shard"), **row}
 
 

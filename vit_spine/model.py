@@ -40,6 +40,7 @@ def create_model(
     model_config: str | None = None,
     image_size: int = 224,
     seed: int = 0,
+    patch_size: int | None = None,
 ) -> ViTForImageClassification:
     """A ViT with 14 multi-label outputs: random-init from `model_config`, else pretrained weights.
 
@@ -56,7 +57,12 @@ def create_model(
     if model_config is not None:
         if model_config not in MODEL_CONFIGS:
             raise ValueError(f"--model-config {model_config!r}: choose from {', '.join(MODEL_CONFIGS)}")
-        config = ViTConfig(image_size=image_size, num_channels=3, **MODEL_CONFIGS[model_config], **common)
+        sizes = dict(MODEL_CONFIGS[model_config])
+        if patch_size is not None:
+            if image_size % patch_size:
+                raise ValueError(f"--patch-size {patch_size} does not divide the image size {image_size}")
+            sizes["patch_size"] = patch_size
+        config = ViTConfig(image_size=image_size, num_channels=3, **sizes, **common)
         torch.manual_seed(seed)
         return ViTForImageClassification(config).to(memory_format=torch.contiguous_format)
     name = model_name_or_path or DEFAULT_PRETRAINED

@@ -31,7 +31,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from vit_spine import chunk as chunking
 from vit_spine.cli import parse_config
-from vit_spine.data import ShardDataset, balanced_sampler
+from vit_spine.data import ShardDataset, balanced_sampler, collate_batch
 from vit_spine.evaluation import (
     CHECKPOINT_META,
     PoolingConfig,
@@ -60,6 +60,9 @@ class TrainConfig:
     model_config: str | None = field(
         default=None, metadata={"help": "random-init ViT size instead of pretrained weights: tiny, small or base."}
     )
+    patch_size: int | None = field(
+        default=None, metadata={"help": "with --model-config: ViT patch size (default 16); smaller sees finer detail, costs more."}
+    )
     patience: int = field(default=2, metadata={"help": "stop after this many shards without a better validation score."})
     min_delta: float = field(default=0.0, metadata={"help": "an improvement smaller than this does not count."})
     replay_fraction: float = field(
@@ -87,6 +90,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.model and self.model_config:
             raise ValueError("give either --model or --model-config, not both")
+        if self.patch_size is not None and not self.model_config:
+            raise ValueError("--patch-size applies to a random-init --model-config only")
         if not 0 <= self.replay_fraction <= 1:
             raise ValueError(f"--replay-fraction must be in [0, 1], got {self.replay_fraction}")
         if self.patience < 1:
@@ -123,9 +128,9 @@ def training_defaults() -> dict:
 
 def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
     """Stack a batch; unknown targets (NaN) become -100 so the Trainer's item count skips them."""
-    pixels = torch.stack([torch.as_tensor(item["pixel_values"]) for item in batch])
-    labels = torch.stack([torch.as_tensor(item["labels"]) for item in batch])
-    return {"pixel_values": pixels, "labels": torch.nan_to_num(labels, nan=IGNORE_INDEX)}
+    stacked = collate_batch(batch)
+    stacked["labels"] = torch.nan_to_num(stacked["labels"], nan=IGNORE_INDEX)
+    return stacked
 
 
 class EpochSeededSampler(torch.utils.data.Sampler):
@@ -350,6 +355,7 @@ def prepare_run(config: TrainConfig, pooling: PoolingConfig, args: TrainingArgum
         "chunks": str(chunks.resolve()),
         "model": config.model,
         "model_config": config.model_config,
+        "patch_size": config.patch_size,
         "image_size": image_size,
         "preprocess": manifest["preprocess"],
     }
@@ -386,7 +392,8 @@ def starting_model(run: Run, k: int, resume_from: str | None):
         return load_model(resume_from)
     if k == 0:
         image_size = int(run.manifest["preprocess"]["image_size"])
-        return create_model(run.config.model, run.config.model_config, image_size=image_size, seed=run.args.seed)
+        return create_model(run.config.model, run.config.model_config, image_size=image_size, seed=run.args.seed,
+                            patch_size=run.config.patch_size)
     return load_model(shard_dir(run.output, k - 1))
 
 
@@ -521,6 +528,7 @@ def save_shard(trainer: Trainer, directory: Path, row: dict, run: Run, calibrato
         "calibration": None if calibrator is None else calibrator.to_dict(),
         "model": run.config.model,
         "model_config": run.config.model_config,
+        "seed": run.args.seed,  # seeds the cross-fitted calibration folds; evaluate reuses it
     }
     tmp = directory / (CHECKPOINT_META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
