@@ -189,10 +189,13 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict:
     if manifest["preprocess"] != meta["preprocess"]:
         raise ValueError(f"{chunks} was preprocessed differently from what {checkpoint} was trained on")
     val_dataset, validation = load_validation(chunks, manifest)
-    train_sets = [ShardDataset(chunks / e["path"]) for e in chunking.train_shards(manifest)]
-    prevalence = train_prevalence(
-        np.concatenate([s.study_labels for s in train_sets]), np.concatenate([s.study_ids for s in train_sets])
-    )
+    if "baseline_prevalence" in meta:  # the training studies' prevalence, as logged during training
+        prevalence = np.asarray(meta["baseline_prevalence"], dtype=np.float64)
+    else:
+        train_sets = [ShardDataset(chunks / e["path"]) for e in chunking.train_shards(manifest)]
+        prevalence = train_prevalence(
+            np.concatenate([s.study_labels for s in train_sets]), np.concatenate([s.study_ids for s in train_sets])
+        )
     probs = predict_slices(load_model(checkpoint), val_dataset, config.batch_size)
     pooling = PoolingConfig(**meta.get("pooling", {}))
     seed = config.seed if config.seed is not None else meta.get("seed", 42)

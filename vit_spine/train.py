@@ -529,6 +529,7 @@ def save_shard(trainer: Trainer, directory: Path, row: dict, run: Run, calibrato
         "model": run.config.model,
         "model_config": run.config.model_config,
         "seed": run.args.seed,  # seeds the cross-fitted calibration folds; evaluate reuses it
+        "baseline_prevalence": run.prevalence.tolist(),  # of the training studies; evaluate's baseline
     }
     tmp = directory / (CHECKPOINT_META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
