@@ -27,7 +27,7 @@ class BenchTrainConfig:
     model_config: str = field(default="tiny", metadata={"help": "ViT size: tiny, small or base."})
     image_size: int = field(default=96, metadata={"help": "image side for the random shard (a given --shard sets its own)."})
     batch_size: int = field(default=32, metadata={"help": "per-step batch size."})
-    steps: int = field(default=30, metadata={"help": "optimizer steps per timed run."})
+    steps: int = field(default=120, metadata={"help": "optimizer steps per timed run (the Trainer has a fixed start-up cost)."})
     repeats: int = field(default=3, metadata={"help": "timed runs of each path, alternating."})
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes for both paths."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast in both paths (GPU)."})
