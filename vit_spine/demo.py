@@ -63,7 +63,7 @@ def write_vertebrae_table(data: Path, out: Path) -> Path:
 
 
 def run_demo(config: DemoConfig) -> None:
-    from vit_spine import evaluation, train
+    from vit_spine import evaluation
 
     started = time.time()
     workdir, chunks, output = Path(config.workdir), Path(config.chunks), Path(config.output)
@@ -96,7 +96,7 @@ def run_demo(config: DemoConfig) -> None:
         "--slices-out", str(workdir / "slice_scores.parquet"), "--no-progress",
     ])
     run_step("7. report", "report", [str(output), "--chunks", str(chunks)])
-    rows = train.read_metrics(output)
+    rows = evaluation.read_metrics(output)
     print("\n=== per shard: validation weighted log loss (cross-fitted calibration), raw, the constant-prevalence "
           "baseline on the same studies, AUC")
     print(evaluation.format_table(rows))

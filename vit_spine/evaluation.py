@@ -15,6 +15,7 @@ import numpy as np
 from vit_spine import STUDY_TARGETS, VERTEBRAE, metrics
 
 CHECKPOINT_META = "vit_spine.json"  # saved beside the weights: preprocessing, calibration, metrics
+METRICS_FILE = "metrics.jsonl"  # one row per finished shard, in the run folder
 
 
 @dataclass
@@ -98,9 +99,21 @@ def train_prevalence(study_labels: np.ndarray, study_ids: np.ndarray) -> np.ndar
 
 def read_checkpoint_meta(checkpoint: Path) -> dict:
     path = Path(checkpoint) / CHECKPOINT_META
-    if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a vit-spine checkpoint: {CHECKPOINT_META} is missing")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise FileNotFoundError(f"{path}: cannot read the checkpoint's metadata ({err})") from err
+    if not isinstance(meta.get("shard"), int) or not isinstance(meta.get("metrics"), dict):
+        raise ValueError(f"{path}: expected integer `shard` and a `metrics` object")
+    return meta
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of RUN_DIR/metrics.jsonl ([] when there is none yet)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -136,12 +149,14 @@ class EvaluateConfig:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A shard checkpoint folder; a run folder stands for its `best` shard."""
-    path = Path(path)
+    path = Path(path).resolve()
     if (path / CHECKPOINT_META).is_file():
         return path
     if (path / "best" / CHECKPOINT_META).is_file():
         return (path / "best").resolve()
-    raise FileNotFoundError(f"{path} is neither a vit-spine checkpoint ({CHECKPOINT_META}) nor a run folder with a `best` checkpoint")
+    raise FileNotFoundError(
+        f"{path} is neither a vit-spine checkpoint ({CHECKPOINT_META}) nor a run folder with a `best` checkpoint"
+    )
 
 
 def default_chunks(checkpoint: Path) -> Path:

@@ -35,9 +35,8 @@ from pathlib import Path
 
 from vit_spine import STUDY_TARGETS, VERTEBRAE
 from vit_spine.cli import parse_config
+from vit_spine.evaluation import CHECKPOINT_META, METRICS_FILE, read_checkpoint_meta, read_metrics, resolve_checkpoint
 
-CHECKPOINT_META = "vit_spine.json"  # same name as vit_spine.evaluation.CHECKPOINT_META (kept import-light)
-METRICS_FILE = "metrics.jsonl"
 REQUIRED_FILES = ("config.json", CHECKPOINT_META)
 OPTIONAL_FILES = ("trainer_state.json", "eval_results.json")
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -64,42 +63,12 @@ class PushResult:
 # --- local side: which checkpoint, which files, which branch, what the card says ------------------
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A shard checkpoint folder; a run folder stands for its `best` shard."""
-    path = Path(path).resolve()
-    if (path / CHECKPOINT_META).is_file():
-        return path
-    if (path / "best" / CHECKPOINT_META).is_file():
-        return (path / "best").resolve()
-    raise FileNotFoundError(
-        f"{path} is neither a vit-spine checkpoint ({CHECKPOINT_META}) nor a run folder with a `best` checkpoint"
-    )
-
-
 def find_run_dir(checkpoint: Path) -> Path | None:
     """The run folder a shard checkpoint belongs to (its parent, when that holds metrics.jsonl or `best`)."""
     parent = checkpoint.resolve().parent
     if (parent / METRICS_FILE).is_file() or (parent / "best").exists():
         return parent
     return None
-
-
-def read_checkpoint_meta(checkpoint: Path) -> dict:
-    path = checkpoint / CHECKPOINT_META
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise FileNotFoundError(f"{path}: cannot read the checkpoint's metadata ({err})") from err
-    if not isinstance(meta.get("shard"), int) or not isinstance(meta.get("metrics"), dict):
-        raise ValueError(f"{path}: expected integer `shard` and a `metrics` object")
-    return meta
-
-
-def read_run_metrics(run_dir: Path | None) -> list[dict]:
-    if run_dir is None or not (run_dir / METRICS_FILE).is_file():
-        return []
-    lines = (run_dir / METRICS_FILE).read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def checkpoint_files(checkpoint: Path) -> list[Path]:
@@ -276,7 +245,7 @@ def plan_push(
         f"Checkpoint {checkpoint.name}, global step {metrics.get('global_step', 'n/a')}; "
         f"uncalibrated weighted log loss {_fmt(metrics.get('weighted_log_loss_uncalibrated'))}."
     )
-    card = model_card(checkpoint, meta, read_run_metrics(run_dir), repo_id, revision)
+    card = model_card(checkpoint, meta, (read_metrics(run_dir) if run_dir else []), repo_id, revision)
     return PushPlan(checkpoint, files, meta["shard"], revision, best, commit_message(meta, best), description, card)
 
 

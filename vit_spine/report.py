@@ -78,7 +78,7 @@ class ReportConfig:
 
 
 def read_run_metrics(run_dir: Path) -> list[dict]:
-    from vit_spine.train import read_metrics
+    from vit_spine.evaluation import read_metrics
 
     rows = read_metrics(run_dir)
     if not rows:

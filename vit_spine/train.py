@@ -34,15 +34,16 @@ from vit_spine.cli import parse_config
 from vit_spine.data import ShardDataset, balanced_sampler, collate_batch
 from vit_spine.evaluation import (
     CHECKPOINT_META,
+    METRICS_FILE,
     PoolingConfig,
     ValidationSet,
     format_table,
+    read_metrics,
     score_predictions,
     train_prevalence,
 )
 from vit_spine.model import IGNORE_INDEX, MaskedBCELoss, create_model, fracture_pos_weight, load_model
 
-METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "run_config.json"
 
 
@@ -199,13 +200,6 @@ class ShardResult:
 
 def shard_dir(output: Path, index: int) -> Path:
     return output / f"shard_{index:05d}"
-
-
-def read_metrics(output: Path) -> list[dict]:
-    path = output / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def with_replay(current: ShardDataset, earlier: list[ShardDataset], fraction: float, seed: int) -> Dataset:
