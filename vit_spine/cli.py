@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -106,4 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vit-spine: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as err:
+        # bad input (a missing folder, a wrong option value): one clear line, not a traceback
+        if os.environ.get("VIT_SPINE_TRACEBACK"):
+            raise
+        print(f"vit-spine {name}: error: {err}\n(set VIT_SPINE_TRACEBACK=1 to see where)", file=sys.stderr)
+        return 2

@@ -26,7 +26,7 @@ MODEL_CONFIGS: dict[str, dict[str, int]] = {
 }
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(FileNotFoundError):
     """The requested pretrained model cannot be loaded (offline machine, wrong path)."""
 
 

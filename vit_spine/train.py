@@ -191,13 +191,6 @@ def update_steps(num_examples: int, args: TrainingArguments) -> int:
     return math.ceil(per_epoch * args.num_train_epochs)
 
 
-@dataclass
-class ShardResult:
-    index: int
-    directory: Path
-    row: dict
-
-
 def shard_dir(output: Path, index: int) -> Path:
     return output / f"shard_{index:05d}"
 
