@@ -14,6 +14,7 @@ from vit_spine.data import (
     augment_batch,
     balanced_sampler,
     collate_batch,
+    model_input,
     positive_slices,
 )
 from vit_spine.preprocess import PreprocessConfig
@@ -46,18 +47,23 @@ def hf_shard(tmp_path_factory) -> tuple[str, dict]:
     return str(path), rows
 
 
-def test_items_equal_the_stored_pixels_normalised(hf_shard):
+def test_items_are_the_stored_pixels_and_model_input_normalises_them(hf_shard):
     path, rows = hf_shard
     dataset = ShardDataset(path)
     assert len(dataset) == 40 and len(dataset._pixel_chunks) >= 3
     indices = [39, 0, 13, 14, 27, 13, -1]
     items = dataset.__getitems__(indices)
     for index, item in zip(indices, items):
-        assert item["pixel_values"].dtype == torch.float32 and item["pixel_values"].shape == (3, SIZE, SIZE)
-        expected = (rows["pixel_values"][index] / 255.0 - 0.5) / 0.5
-        np.testing.assert_allclose(item["pixel_values"].numpy(), expected, atol=1e-6)
+        assert item["pixel_values"].dtype == torch.uint8 and item["pixel_values"].shape == (3, SIZE, SIZE)
+        np.testing.assert_array_equal(item["pixel_values"].numpy(), rows["pixel_values"][index])
         np.testing.assert_array_equal(item["labels"].numpy(), rows["labels"][index])  # NaN == NaN here
     assert torch.equal(dataset[13]["pixel_values"], items[2]["pixel_values"])
+    batch = collate_batch(items)["pixel_values"]
+    expected = (rows["pixel_values"][np.array(indices)] / 255.0 - 0.5) / 0.5
+    np.testing.assert_allclose(model_input(batch).numpy(), expected, atol=1e-6)
+    assert model_input(batch).dtype == torch.float32 and model_input(batch, dtype=torch.bfloat16).dtype == torch.bfloat16
+    already = model_input(batch)
+    assert model_input(already) is already  # float input is not normalised twice
 
 
 def test_pixels_are_a_read_only_view_of_the_arrow_buffers(hf_shard):
@@ -69,11 +75,10 @@ def test_pixels_are_a_read_only_view_of_the_arrow_buffers(hf_shard):
 
 
 def test_pickles_as_its_path_not_its_pixels(hf_shard):
-    dataset = ShardDataset(hf_shard[0], augment=True, augment_config=AugmentConfig(max_rotation=3.0))
+    dataset = ShardDataset(hf_shard[0])
     blob = pickle.dumps(dataset)
     assert len(blob) < 2000
     copy = pickle.loads(blob)
-    assert copy.augment and copy.augment_config.max_rotation == 3.0
     np.testing.assert_array_equal(copy.read_uint8([3, 30]), dataset.read_uint8([3, 30]))
 
 
@@ -158,19 +163,17 @@ def test_reads_a_shard_written_by_the_chunker_one_batch_per_study(tmp_path):
     assert len(datasets.load_from_disk(str(tmp_path / "shard_00000"))) == 13
 
 
-def test_augmentation_keeps_shape_range_and_labels_and_varies(hf_shard):
-    dataset = ShardDataset(hf_shard[0], augment=True)
-    plain = ShardDataset(hf_shard[0])
+def test_augmented_model_input_keeps_shape_and_range_and_varies(hf_shard):
+    pixels = collate_batch(ShardDataset(hf_shard[0]).__getitems__(list(range(8))))["pixel_values"]
     torch.manual_seed(0)
-    first = dataset.__getitems__(list(range(8)))
-    second = dataset.__getitems__(list(range(8)))
-    reference = plain.__getitems__(list(range(8)))
-    for a, b, r in zip(first, second, reference):
-        assert a["pixel_values"].shape == r["pixel_values"].shape
-        assert a["pixel_values"].min() >= -1 and a["pixel_values"].max() <= 1
-        assert not torch.equal(a["pixel_values"], b["pixel_values"])
-        assert not torch.equal(a["pixel_values"], r["pixel_values"])
-        torch.testing.assert_close(a["labels"], r["labels"], equal_nan=True)
+    first, second = model_input(pixels, AugmentConfig()), model_input(pixels, AugmentConfig())
+    plain = model_input(pixels)
+    assert first.shape == plain.shape == (8, 3, SIZE, SIZE) and first.dtype == torch.float32
+    assert first.min() >= -1 and first.max() <= 1
+    for a, b, r in zip(first, second, plain):
+        assert not torch.equal(a, b) and not torch.equal(a, r)
+    torch.manual_seed(0)
+    assert torch.equal(model_input(pixels, AugmentConfig()), first)  # drawn from the (checkpointed) global RNG
 
 
 def test_augmentation_without_any_change_is_the_identity_and_flip_mirrors():

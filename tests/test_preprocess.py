@@ -5,6 +5,7 @@ from PIL import Image
 from vit_spine.preprocess import (
     PreprocessConfig,
     apply_window,
+    center_crop,
     preprocess_study,
     render_slice,
     resize_hu,
@@ -75,6 +76,21 @@ def test_stack_channels_writes_into_a_given_buffer():
 
 def test_empty_study_gives_an_empty_array():
     assert preprocess_study([], PreprocessConfig(image_size=8)).shape == (0, 3, 8, 8)
+
+
+def test_crop_keeps_the_centred_square_before_resizing():
+    hu = random_hu(np.random.default_rng(3), 100, 120)
+    window = center_crop(hu, 0.6)
+    assert window.shape == (60, 72) and np.shares_memory(window, hu)
+    np.testing.assert_array_equal(window, hu[20:80, 24:96])
+    assert center_crop(hu, 1.0) is hu
+    config = PreprocessConfig(image_size=32, crop=0.6)
+    expected = apply_window(pil_resize(hu[20:80, 24:96], 32), 400, 1800)
+    assert np.abs(render_slice(hu, config)[0].astype(int) - expected).max() <= 1
+    assert not np.array_equal(render_slice(hu, config), render_slice(hu, PreprocessConfig(image_size=32)))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="--crop"):
+            PreprocessConfig(crop=bad)
 
 
 def test_config_round_trips_and_rejects_bad_values():

@@ -230,3 +230,28 @@ def test_evaluate_reproduces_the_logged_metric_of_the_best_shard(toy_chunks, tmp
     for key in ("weighted_log_loss", "weighted_log_loss_uncalibrated", "baseline_weighted_log_loss"):
         assert result[key] == pytest.approx(best[key], abs=1e-12)
     assert "baseline" in capsys.readouterr().out
+
+
+def test_uint8_batches_become_model_input_on_the_device_augmented_only_in_training(toy_chunks, tmp_path):
+    from vit_spine.data import AugmentConfig, ShardDataset, model_input
+    from vit_spine.model import create_model
+
+    dataset = ShardDataset(toy_chunks / "shard_00000")
+    model = create_model(model_config="tiny", image_size=SIZE)
+    seen: list[tuple[bool, torch.Tensor]] = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append((module.training, kwargs["pixel_values"])),
+                                    with_kwargs=True)
+    args = make_args(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=len(dataset),
+                     per_device_eval_batch_size=len(dataset))
+    trainer = train.ShardTrainer(model=model, args=args, train_dataset=dataset, data_collator=train.collate,
+                                 compute_loss_func=MaskedBCELoss(), augment=AugmentConfig())
+    trainer.train()
+    trainer.predict(dataset)
+    (training, trained_on), (evaluating, predicted_on) = seen
+    stored = train.collate(dataset.__getitems__(list(range(len(dataset)))))["pixel_values"]
+    assert training and not evaluating and stored.dtype == torch.uint8
+    assert trained_on.dtype == predicted_on.dtype == torch.float32
+    torch.testing.assert_close(predicted_on, model_input(stored), rtol=0, atol=0)  # evaluation: exactly normalised
+    assert trained_on.shape == predicted_on.shape
+    # training: augmented (compared order-free, since the training batch is shuffled)
+    assert not torch.allclose(trained_on.sort(dim=0).values, predicted_on.sort(dim=0).values)

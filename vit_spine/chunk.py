@@ -700,7 +700,9 @@ def write_slice_table(slices: pd.DataFrame, out: Path) -> None:
 
 
 def check_same_options(manifest: dict, config: ChunkConfig, preprocess: PreprocessConfig, path: Path) -> None:
-    saved = {**manifest["options"], **{f"preprocess.{k}": v for k, v in manifest["preprocess"].items()}}
+    # from_dict fills options added since the folder was written with their defaults
+    saved_preprocess = PreprocessConfig.from_dict(manifest["preprocess"]).to_dict()
+    saved = {**manifest["options"], **{f"preprocess.{k}": v for k, v in saved_preprocess.items()}}
     wanted = {**config.plan_options(), **{f"preprocess.{k}": v for k, v in preprocess.to_dict().items()}}
     differs = [f"{k}: {saved.get(k)!r} there, {wanted[k]!r} now" for k in wanted if saved.get(k) != wanted[k]]
     if differs:

@@ -3,8 +3,12 @@
 `datasets` decodes an Array3D row by row into Python/numpy objects (about 4k img/s here, DESIGN.md
 pitfall 8). The shard's Arrow file is memory-mapped, and the uint8 pixels of each record batch are one
 contiguous buffer, so `ShardDataset` views them as numpy arrays (n, 3, S, S) without a copy and a batch
-is one copy per slice out of the memory map: memmap speed. Augmentation happens here, at read time,
-on whole batches. `collate_batch` hands the batch to the model without stacking it again.
+is one copy per slice out of the memory map: memmap speed.
+
+Batches stay uint8 all the way to the device (a quarter of the bytes of float32 through pinned memory
+and PCIe); `model_input` turns them into the model's float input there, and applies the random
+augmentation to whole batches while training (the Trainer subclass in `train` calls it). The CPU that
+feeds a GPU then only copies bytes. `collate_batch` hands the batch on without stacking it again.
 """
 
 from __future__ import annotations
@@ -41,13 +45,13 @@ class AugmentConfig:
 class ShardDataset(torch.utils.data.Dataset):
     """One shard (a `datasets` folder written by `vit-spine chunk`) as a torch Dataset.
 
-    Items: {"pixel_values": float32 (3, S, S) in [-1, 1] ((x/255 - 0.5) / 0.5), "labels": float32 (14,)
-    with NaN where a target is unknown}. `__getitems__` reads a whole batch at once (the DataLoader
-    uses it). Per-slice metadata as numpy arrays: `labels` (n, 14), `study_labels` (n, 8), `study_ids`,
-    `slice_numbers`, `zs`.
+    Items: {"pixel_values": uint8 (3, S, S) exactly as stored, "labels": float32 (14,) with NaN where a
+    target is unknown}; `model_input` makes the model's input from a batch of them. `__getitems__` reads
+    a whole batch at once (the DataLoader uses it). Per-slice metadata as numpy arrays: `labels` (n, 14),
+    `study_labels` (n, 8), `study_ids`, `slice_numbers`, `zs`.
     """
 
-    def __init__(self, path: str | Path, augment: bool = False, augment_config: AugmentConfig | None = None):
+    def __init__(self, path: str | Path):
         import datasets
 
         self.path = Path(path)
@@ -68,17 +72,15 @@ class ShardDataset(torch.utils.data.Dataset):
         self.study_ids = np.asarray(table.column("StudyInstanceUID").to_pylist(), dtype=object)
         self.slice_numbers = table.column("slice_number").to_numpy()
         self.zs = table.column("z").to_numpy()
-        self.augment = augment
-        self.augment_config = augment_config or AugmentConfig()
         self._dataset = dataset  # keeps the memory map open for the views
 
     def __getstate__(self) -> dict:
         # DataLoader workers started with spawn get the path and reopen the memory map, instead of
         # a pickled copy of every pixel.
-        return {"path": self.path, "augment": self.augment, "augment_config": self.augment_config}
+        return {"path": self.path}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["augment"], state["augment_config"])
+        self.__init__(state["path"])
 
     def __len__(self) -> int:
         return int(self._chunk_starts[-1])
@@ -88,13 +90,8 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices) -> list[dict[str, torch.Tensor]]:
         pixels = torch.from_numpy(self.read_uint8(indices))
-        if self.augment:
-            images = augment_batch(pixels.float().div_(255.0), self.augment_config)
-            values = images.sub_(0.5).div_(0.5)
-        else:
-            values = normalize(pixels)
         labels = torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)])
-        return [{"pixel_values": v, "labels": y} for v, y in zip(values, labels)]
+        return [{"pixel_values": v, "labels": y} for v, y in zip(pixels, labels)]
 
     def read_uint8(self, indices) -> np.ndarray:
         """The stored pixels of `indices` as one uint8 array (len(indices), 3, S, S)."""
@@ -117,8 +114,8 @@ def collate_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     """`default_data_collator` for ShardDataset items, without its copy when they come from one `__getitems__`.
 
     `__getitems__` builds the whole batch as one tensor and hands out its rows; stacking them again
-    costs a full copy of the float32 batch (about a third of the loader's time). This returns that
-    tensor instead, and falls back to `torch.stack` for items of any other origin.
+    costs a second copy of the batch. This returns that tensor instead, and falls back to `torch.stack`
+    for items of any other origin.
     """
     return {key: stack_rows([item[key] for item in items]) for key in items[0]}
 
@@ -139,9 +136,25 @@ def stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     return first.new_empty(0).set_(storage, first.storage_offset(), (len(tensors), *first.shape))
 
 
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 (x/255 - 0.5) / 0.5."""
-    return pixels.float().mul_(2.0 / 255.0).sub_(1.0)
+def normalize(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 -> (x/255 - 0.5) / 0.5 in `dtype`, on the tensor's device."""
+    return pixels.to(dtype).mul_(2.0 / 255.0).sub_(1.0)
+
+
+def model_input(pixels: torch.Tensor, augment: AugmentConfig | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A uint8 batch (b, 3, S, S) -> the model's input in [-1, 1], on the batch's device.
+
+    With `augment`, each image gets its own random affine, mirror and intensity jitter first (drawn from
+    the global RNG of that device, which the Trainer seeds and checkpoints). Float input passes through
+    unchanged, so callers that normalised already are not normalised twice.
+    """
+    if pixels.dtype != torch.uint8:
+        return pixels
+    if augment is None:
+        return normalize(pixels, dtype)
+    images = augment_batch(pixels.float().div_(255.0), augment)
+    return images.sub_(0.5).div_(0.5).to(dtype)
 
 
 def pixel_view(chunk: pa.Array, path: Path) -> np.ndarray:
@@ -175,7 +188,7 @@ def fixed_list_to_numpy(column: pa.ChunkedArray, width: int) -> np.ndarray:
 def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random affine (rotation, zoom, shift), left/right mirror and intensity jitter of float (b, 3, S, S) in [0, 1].
 
-    Draws from torch's global RNG unless `generator` is given (the DataLoader seeds it per worker).
+    Draws from the global RNG of the images' device unless `generator` is given (on that device).
     Areas moved into view are black (air).
     """
     b = images.shape[0]
@@ -183,12 +196,12 @@ def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.
         return images
 
     def uniform(scale: float) -> torch.Tensor:
-        return (torch.rand(b, generator=generator) * 2 - 1) * scale
+        return (torch.rand(b, generator=generator, device=images.device) * 2 - 1) * scale
 
     angle = uniform(math.radians(config.max_rotation))
     zoom = 1 + uniform(config.max_zoom)
     shift_x, shift_y = uniform(2 * config.max_shift), uniform(2 * config.max_shift)  # grid units span 2
-    flip = torch.where(torch.rand(b, generator=generator) < config.flip_probability, -1.0, 1.0)
+    flip = torch.where(torch.rand(b, generator=generator, device=images.device) < config.flip_probability, -1.0, 1.0)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack(
         [torch.stack([cos * flip, -sin, shift_x], 1), torch.stack([sin * flip, cos, shift_y], 1)], 1

@@ -31,6 +31,10 @@ class DemoConfig:
                   "default so a tiny ViT learns them in minutes on a CPU."},
     )
     image_size: int = field(default=64, metadata={"help": "side of the preprocessed images the tiny ViT sees."})
+    crop: float = field(
+        default=0.65,
+        metadata={"help": "centred part of each slice kept before resizing (chunk --crop): the spine gets more pixels."},
+    )
     shard_size: int = field(default=700, metadata={"help": "slices per training shard."})
     epochs_per_shard: float = field(default=15.0, metadata={"help": "passes over each shard."})
     learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate of the tiny ViT."})
@@ -79,7 +83,7 @@ def run_demo(config: DemoConfig) -> None:
     run_step("2. slice table", "scan", [str(data), "--out", str(table), "--vertebrae-table", str(vertebrae), "--no-progress"])
     run_step("3. shards", "chunk", [
         str(data), "--slice-table", str(table), "--out", str(chunks), "--shard-size", str(config.shard_size),
-        "--image-size", str(config.image_size), "--val-fraction", "0.25", "--ignore-folds", "--seed", str(config.seed),
+        "--image-size", str(config.image_size), "--crop", str(config.crop), "--val-fraction", "0.25", "--ignore-folds", "--seed", str(config.seed),
         "--no-progress",
     ])
     run_step("4. incremental training (tiny ViT)", "train", [

@@ -175,9 +175,9 @@ def predict_slices(model, dataset, batch_size: int) -> np.ndarray:
     import tempfile
 
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
-    from vit_spine.train import collate
+    from vit_spine.train import ShardTrainer, collate
 
     with tempfile.TemporaryDirectory() as scratch:  # the Trainer wants an output folder; it writes nothing we keep
         args = TrainingArguments(
@@ -187,7 +187,7 @@ def predict_slices(model, dataset, batch_size: int) -> np.ndarray:
             remove_unused_columns=False,
             bf16_full_eval=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         )
-        logits = Trainer(model=model, args=args, data_collator=collate).predict(dataset).predictions
+        logits = ShardTrainer(model=model, args=args, data_collator=collate).predict(dataset).predictions
     return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
 

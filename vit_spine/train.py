@@ -31,7 +31,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from vit_spine import chunk as chunking
 from vit_spine.cli import parse_config
-from vit_spine.data import ShardDataset, balanced_sampler, collate_batch
+from vit_spine.data import AugmentConfig, ShardDataset, balanced_sampler, collate_batch, model_input
 from vit_spine.evaluation import (
     CHECKPOINT_META,
     METRICS_FILE,
@@ -75,7 +75,9 @@ class TrainConfig:
         default=5.0,
         metadata={"help": "positive weight of the fracture targets = min(this, negatives/positives of the training slices)."},
     )
-    augment: bool = field(default=True, metadata={"help": "random augmentation of training slices at read time."})
+    augment: bool = field(
+        default=True, metadata={"help": "random augmentation of training batches, on the device (see the --max_* options)."}
+    )
     positive_fraction: float | None = field(
         default=None,
         metadata={
@@ -152,13 +154,25 @@ class EpochSeededSampler(torch.utils.data.Sampler):
 
 
 class ShardTrainer(Trainer):
-    """A Trainer whose LR schedule is one slice of a schedule spanning every shard of the run."""
+    """A Trainer for uint8 shard batches whose LR schedule is one slice of a schedule spanning every shard of the run.
 
-    def __init__(self, *args, schedule_offset: int = 0, schedule_total: int = 1, positive_fraction: float | None = None, **kwargs):
+    Batches arrive as uint8 and become the model's input on the device (`model_input`): normalised, and
+    augmented when `augment` is given and the model is training.
+    """
+
+    def __init__(self, *args, schedule_offset: int = 0, schedule_total: int = 1, positive_fraction: float | None = None,
+                 augment: AugmentConfig | None = None, **kwargs):
         self.schedule_offset = schedule_offset
         self.schedule_total = schedule_total
         self.positive_fraction = positive_fraction
+        self.augment = augment
         super().__init__(*args, **kwargs)
+
+    def _prepare_inputs(self, inputs: dict) -> dict:
+        inputs = super()._prepare_inputs(inputs)
+        augment = self.augment if self.model.training else None
+        inputs["pixel_values"] = model_input(inputs["pixel_values"], augment)
+        return inputs
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -309,6 +323,7 @@ class Run:
     validation: ValidationSet
     prevalence: np.ndarray
     loss: MaskedBCELoss
+    augment: AugmentConfig | None
     schedule_total: int
     state: PartialState
     hub_model_id: str | None  # push every finished shard here (main holds the best)
@@ -318,7 +333,7 @@ class Run:
         return Path(self.config.output)
 
 
-def prepare_run(config: TrainConfig, pooling: PoolingConfig, args: TrainingArguments) -> Run:
+def prepare_run(config: TrainConfig, pooling: PoolingConfig, args: TrainingArguments, augment: AugmentConfig) -> Run:
     chunks, output = Path(config.chunks), Path(config.output)
     hub_model_id = None
     if args.push_to_hub:
@@ -352,7 +367,7 @@ def prepare_run(config: TrainConfig, pooling: PoolingConfig, args: TrainingArgum
         (output / RUN_CONFIG_FILE).write_text(json.dumps(identity, indent=2))
     state.wait_for_everyone()
 
-    train_sets = [ShardDataset(chunks / e["path"], augment=config.augment) for e in entries]
+    train_sets = [ShardDataset(chunks / e["path"]) for e in entries]
     val_dataset, validation = load_validation(chunks, manifest)
     prevalence, positive_rate = training_statistics(train_sets)
     sizes = [len(s) + int(round(config.replay_fraction * len(s))) * (k > 0) for k, s in enumerate(train_sets)]
@@ -366,6 +381,7 @@ def prepare_run(config: TrainConfig, pooling: PoolingConfig, args: TrainingArgum
         validation=validation,
         prevalence=prevalence,
         loss=MaskedBCELoss(fracture_pos_weight(positive_rate, config.fracture_pos_weight_max)),
+        augment=augment if config.augment else None,
         schedule_total=sum(update_steps(n, args) for n in sizes),
         state=state,
         hub_model_id=hub_model_id,
@@ -403,6 +419,7 @@ def train_shard(run: Run, k: int, offset: int, stop: StopRequest, callbacks: Seq
         schedule_offset=offset,
         schedule_total=run.schedule_total,
         positive_fraction=run.config.positive_fraction,
+        augment=run.augment,
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
     if stop.requested and trainer.state.global_step < trainer.state.max_steps:
@@ -441,9 +458,13 @@ def run_training(
     pooling: PoolingConfig,
     args: TrainingArguments,
     callbacks: Sequence[TrainerCallback] = (),
+    augment: AugmentConfig | None = None,
 ) -> RunResult:
-    """Train shard after shard, continuing a run folder where an earlier invocation stopped."""
-    run = prepare_run(config, pooling, args)
+    """Train shard after shard, continuing a run folder where an earlier invocation stopped.
+
+    `augment` sets the augmentation used when `config.augment` is on (default: `AugmentConfig()`).
+    """
+    run = prepare_run(config, pooling, args, augment or AugmentConfig())
     rows = read_metrics(run.output)
     done = {row["shard"] for row in rows if (shard_dir(run.output, row["shard"]) / CHECKPOINT_META).exists()}
     rows = [row for row in rows if row["shard"] in done]
@@ -537,15 +558,15 @@ def write_summary(output: Path, rows: list[dict], best_row: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, pooling, args = parse_config(
+    config, pooling, augment, args = parse_config(
         TrainConfig,
         argv,
         prog="vit-spine train",
         description=__doc__.split("\n")[0],
-        extra_types=(PoolingConfig, TrainingArguments),
+        extra_types=(PoolingConfig, AugmentConfig, TrainingArguments),
         defaults=training_defaults(),
     )
-    result = run_training(config, pooling, args)
+    result = run_training(config, pooling, args, augment=augment)
     if PartialState().is_main_process:
         print()
         print(format_table(result.rows))

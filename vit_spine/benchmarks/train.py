@@ -55,6 +55,7 @@ def random_shard(folder: Path, size: int, count: int) -> Path:
 def run_trainer(model, dataset, config: BenchTrainConfig, workdir: str) -> float:
     from transformers import TrainingArguments
 
+    from vit_spine.data import AugmentConfig
     from vit_spine.model import MaskedBCELoss
     from vit_spine.train import ShardTrainer, collate
 
@@ -64,7 +65,7 @@ def run_trainer(model, dataset, config: BenchTrainConfig, workdir: str) -> float
         dataloader_num_workers=config.workers, bf16=config.bf16, lr_scheduler_type="cosine", learning_rate=1e-4,
     )
     trainer = ShardTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
-                           compute_loss_func=MaskedBCELoss(), schedule_total=config.steps)
+                           compute_loss_func=MaskedBCELoss(), schedule_total=config.steps, augment=AugmentConfig())
     start = time.perf_counter()
     trainer.train()
     return time.perf_counter() - start
@@ -73,6 +74,7 @@ def run_trainer(model, dataset, config: BenchTrainConfig, workdir: str) -> float
 def run_plain_loop(model, dataset, config: BenchTrainConfig) -> float:
     from torch.utils.data import DataLoader, RandomSampler
 
+    from vit_spine.data import AugmentConfig, model_input
     from vit_spine.model import MaskedBCELoss
     from vit_spine.train import collate
 
@@ -87,8 +89,9 @@ def run_plain_loop(model, dataset, config: BenchTrainConfig) -> float:
     while steps < config.steps:
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            pixels = model_input(batch["pixel_values"], AugmentConfig())
             with torch.autocast(device, dtype=torch.bfloat16, enabled=config.bf16):
-                outputs = model(pixel_values=batch["pixel_values"])
+                outputs = model(pixel_values=pixels)
             loss = loss_fn(outputs, batch["labels"], num_items_in_batch=(batch["labels"] != -100).sum())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the Trainer clips too
@@ -111,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(config.shard) if config.shard else random_shard(Path(tmp) / "shard", config.image_size,
                                                                      config.batch_size * config.steps)
-        dataset = ShardDataset(shard, augment=True)
+        dataset = ShardDataset(shard)
         images = config.steps * config.batch_size
         trainer_s, loop_s = [], []
         for r in range(config.repeats):
