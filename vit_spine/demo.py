@@ -21,10 +21,10 @@ class DemoConfig:
     workdir: str = field(default="demo", metadata={"help": "folder for the synthetic dataset and the slice table."})
     chunks: str = field(default="chunks/demo", metadata={"help": "folder for the demo's shards."})
     output: str = field(default="checkpoints/demo", metadata={"help": "folder for the demo's training run."})
-    studies: int = field(default=96, metadata={"help": "synthetic studies (train + test)."})
+    studies: int = field(default=300, metadata={"help": "synthetic studies (train + test)."})
     test_studies: int = field(default=6, metadata={"help": "of which in test_images/ (predicted at the end)."})
     slices: int = field(default=40, metadata={"help": "slices per study."})
-    size: int = field(default=128, metadata={"help": "rows/columns of the synthetic DICOM slices."})
+    size: int = field(default=96, metadata={"help": "rows/columns of the synthetic DICOM slices."})
     fracture_width: float = field(
         default=0.06,
         metadata={"help": "width of the planted breaks (fraction of the image side); wider than the generator's "
@@ -35,8 +35,13 @@ class DemoConfig:
         default=0.65,
         metadata={"help": "centred part of each slice kept before resizing (chunk --crop): the spine gets more pixels."},
     )
-    shard_size: int = field(default=700, metadata={"help": "slices per training shard."})
-    epochs_per_shard: float = field(default=15.0, metadata={"help": "passes over each shard."})
+    val_fraction: float = field(default=0.2, metadata={"help": "share of the training studies held out for validation."})
+    shard_size: int = field(default=2000, metadata={"help": "slices per training shard."})
+    patch_size: int = field(
+        default=8,
+        metadata={"help": "ViT patch size: 8 px patches see the breaks; 16 px ones, about 3x cheaper, learn visibility but not fractures."},
+    )
+    epochs_per_shard: float = field(default=6.0, metadata={"help": "passes over each shard."})
     learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate of the tiny ViT."})
     positive_fraction: float = field(default=0.3, metadata={"help": "share of fracture-positive slices drawn per batch."})
     seed: int = field(default=0, metadata={"help": "seed of the data and of training."})
@@ -83,11 +88,11 @@ def run_demo(config: DemoConfig) -> None:
     run_step("2. slice table", "scan", [str(data), "--out", str(table), "--vertebrae-table", str(vertebrae), "--no-progress"])
     run_step("3. shards", "chunk", [
         str(data), "--slice-table", str(table), "--out", str(chunks), "--shard-size", str(config.shard_size),
-        "--image-size", str(config.image_size), "--crop", str(config.crop), "--val-fraction", "0.25", "--ignore-folds", "--seed", str(config.seed),
+        "--image-size", str(config.image_size), "--crop", str(config.crop), "--val-fraction", str(config.val_fraction), "--ignore-folds", "--seed", str(config.seed),
         "--no-progress",
     ])
     run_step("4. incremental training (tiny ViT)", "train", [
-        "--chunks", str(chunks), "--output", str(output), "--model-config", "tiny",
+        "--chunks", str(chunks), "--output", str(output), "--model-config", "tiny", "--patch-size", str(config.patch_size),
         "--num_train_epochs", str(config.epochs_per_shard), "--per_device_train_batch_size", "32",
         "--learning_rate", str(config.learning_rate), "--positive-fraction", str(config.positive_fraction),
         "--warmup_steps", "0.1", "--patience", "2", "--seed", str(config.seed),

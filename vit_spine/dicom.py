@@ -389,9 +389,9 @@ def _apply_modality_lut(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     # 2**24, so float32 arithmetic is exact and equals pydicom's float64 result; it is also
     # about 5x faster. Anything else goes through float64 like pydicom.
     if stored.dtype.itemsize <= 2 and integral and 65536 * abs(slope) + abs(intercept) < 2**24:
-        hu = stored.astype(np.float32)
-        if slope != 1:
-            hu *= np.float32(slope)
+        if slope == 1:  # one pass: convert and add together
+            return np.add(stored, np.float32(intercept), dtype=np.float32)
+        hu = np.multiply(stored, np.float32(slope), dtype=np.float32)
         if intercept:
             hu += np.float32(intercept)
         return hu
