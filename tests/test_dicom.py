@@ -80,8 +80,12 @@ def test_read_hu_equals_pydicom_on_every_test_file(testdata_datasets):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hu = read_hu(path)
+            out = np.full((ds.Rows, ds.Columns), np.nan, np.float32)
+            into_out = read_hu(path, out=out)
         assert hu.dtype == np.float32 and hu.shape == (ds.Rows, ds.Columns), path.name
         np.testing.assert_array_equal(hu, expected, err_msg=path.name)
+        assert into_out is out, path.name
+        np.testing.assert_array_equal(into_out, expected, err_msg=path.name)
         checked.append(ds)
 
     print(f"\nchecked {len(checked)} files; refused (DicomReadError): "
@@ -259,6 +263,18 @@ def test_results_never_share_the_per_thread_decode_buffer(tmp_path):
         results = list(pool.map(read_hu, paths * 20))
     for i, hu in enumerate(results):
         np.testing.assert_array_equal(hu, expected[i % 2])
+
+
+def test_out_is_reused_only_when_it_fits(jpeg_lossless_file):
+    expected = read_hu(jpeg_lossless_file)
+    out = np.zeros_like(expected)
+    assert read_hu(jpeg_lossless_file, out=out) is out
+    read_only = np.zeros_like(expected)
+    read_only.flags.writeable = False
+    for misfit in (np.zeros((3, 3), np.float32), np.zeros(expected.shape, np.float64), read_only):
+        hu = read_hu(jpeg_lossless_file, out=misfit)
+        assert hu is not misfit
+        np.testing.assert_array_equal(hu, expected)
 
 
 def test_multi_frame_is_refused_clearly():

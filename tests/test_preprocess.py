@@ -27,11 +27,19 @@ def test_window_maps_its_ends_to_0_and_255_and_clips():
     assert apply_window(hu, 400, 1800).tolist() == [0, 0, 128, 255, 255, 128]
 
 
-def test_resize_matches_pil_antialiased_bilinear():
-    hu = random_hu(np.random.default_rng(0), 100, 120)
-    ours = resize_hu(hu, 32)
-    assert ours.shape == (32, 32) and ours.dtype == np.float32
-    np.testing.assert_allclose(ours, pil_resize(hu, 32), atol=0.05)
+@pytest.mark.parametrize("rows, cols, size", [(100, 120, 32), (512, 512, 224), (62, 62, 64), (40, 90, 64)])
+def test_resize_matches_pil_and_torch_antialiased_bilinear(rows, cols, size):
+    """Shrinking, growing (a crop smaller than the output) and non-square input."""
+    import torch
+    import torch.nn.functional as F
+
+    hu = random_hu(np.random.default_rng(0), rows, cols)
+    ours = resize_hu(hu, size)
+    assert ours.shape == (size, size) and ours.dtype == np.float32 and ours.flags.c_contiguous
+    np.testing.assert_allclose(ours, pil_resize(hu, size), atol=0.05)
+    reference = F.interpolate(torch.from_numpy(hu)[None, None], size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(ours, reference, atol=0.05)
 
 
 def test_bone25d_stacks_neighbouring_slices_in_the_bone_window():

@@ -449,9 +449,10 @@ def render_study(paths: Sequence[str], config: PreprocessConfig, out: np.ndarray
 
     rendered, problems = [], []
     ok = np.zeros(len(paths), bool)
+    hu = None  # each slice is rendered at once, so the next one may reuse its HU array
     for i, path in enumerate(paths):
         try:
-            hu = read_hu(path)
+            hu = read_hu(path, out=hu)
         except DicomReadError as error:
             problems.append((str(path), error.reason))
             continue
