@@ -47,7 +47,7 @@ def test_bench_loader_compares_uint8_batches_with_memmap_and_datasets(small_chun
     assert ratio(r"ours / memmap ([\d.]+) \(goal >= 0.5\)", out) > 0
     assert ratio(r"ours / datasets ([\d.]+) \(goal >= 5\)", out) > 0
     for way in ("ours", "memmap", "datasets", "model_input", "model_input augment"):
-        assert re.search(rf"^  {re.escape(way)} +\d+ img/s", out, re.M), way
+        assert re.search(rf"^  {re.escape(way)} +\d+ img/s", out, re.MULTILINE), way
 
 
 def test_bench_chunk_reports_overhead_over_decoding_and_filters_by_transfer_syntax(synth_data, tmp_path, capsys):

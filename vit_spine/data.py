@@ -136,25 +136,25 @@ def stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     return first.new_empty(0).set_(storage, first.storage_offset(), (len(tensors), *first.shape))
 
 
-def normalize(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 -> (x/255 - 0.5) / 0.5 in `dtype`, on the tensor's device."""
-    return pixels.to(dtype).mul_(2.0 / 255.0).sub_(1.0)
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 (x/255 - 0.5) / 0.5, on the tensor's device."""
+    return pixels.float().mul_(2.0 / 255.0).sub_(1.0)
 
 
-def model_input(pixels: torch.Tensor, augment: AugmentConfig | None = None,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A uint8 batch (b, 3, S, S) -> the model's input in [-1, 1], on the batch's device.
+def model_input(pixels: torch.Tensor, augment: AugmentConfig | None = None) -> torch.Tensor:
+    """A uint8 batch (b, 3, S, S) -> the model's float32 input in [-1, 1], on the batch's device.
 
     With `augment`, each image gets its own random affine, mirror and intensity jitter first (drawn from
     the global RNG of that device, which the Trainer seeds and checkpoints). Float input passes through
-    unchanged, so callers that normalised already are not normalised twice.
+    unchanged, so callers that normalised already are not normalised twice. (The ViT casts its input
+    to its own dtype, bf16 included.)
     """
     if pixels.dtype != torch.uint8:
         return pixels
     if augment is None:
-        return normalize(pixels, dtype)
+        return normalize(pixels)
     images = augment_batch(pixels.float().div_(255.0), augment)
-    return images.sub_(0.5).div_(0.5).to(dtype)
+    return images.sub_(0.5).div_(0.5)
 
 
 def pixel_view(chunk: pa.Array, path: Path) -> np.ndarray:
