@@ -198,3 +198,26 @@ def test_decoding_in_worker_processes_gives_the_same_predictions(run_dir, test_i
     assert result.submission["row_id"].tolist() == folder_predictions.submission["row_id"].tolist()
     np.testing.assert_array_equal(result.submission["fractured"].to_numpy(), folder_predictions.submission["fractured"].to_numpy())
     assert result.decode_seconds > 0 and result.num_slices == folder_predictions.num_slices
+
+
+def test_predict_preprocesses_with_the_checkpoints_crop(synth_data, tmp_path):
+    """The crop chunk used (stored in vit_spine.json) is applied to new studies too."""
+    import torch
+
+    from vit_spine.data import normalize
+    from vit_spine.dicom import read_study
+    from vit_spine.model import load_model
+    from vit_spine.preprocess import preprocess_study
+
+    folder = sorted((synth_data / "test_images").iterdir())[0]
+    cropped = PreprocessConfig(image_size=IMAGE_SIZE, crop=0.6)
+    checkpoint = write_checkpoint(tmp_path / "cropped", calibration=None, preprocess=cropped)
+    whole = write_checkpoint(tmp_path / "whole", calibration=None)
+    got = predict_studies(checkpoint, [folder], progress=False).slices[list(LABEL_NAMES)].to_numpy()
+
+    pixels = preprocess_study([hu for _, hu in read_study(folder).slices], cropped)
+    with torch.no_grad():
+        logits = load_model(checkpoint)(pixel_values=normalize(torch.from_numpy(pixels))).logits
+    np.testing.assert_allclose(got, torch.sigmoid(logits).numpy(), atol=1e-5)
+    uncropped = predict_studies(whole, [folder], progress=False).slices[list(LABEL_NAMES)].to_numpy()
+    assert np.abs(got - uncropped).max() > 1e-3
