@@ -282,8 +282,11 @@ def test_each_shard_opens_with_datasets_load_from_disk(reference):
     entry = manifest["shards"][0]
     loaded = datasets.load_from_disk(str(out / entry["path"]))
     assert len(loaded) == entry["num_slices"]
-    assert loaded.features["pixel_values"].shape == (3, SIZE, SIZE)
+    # 'bone25d' stores each slice once; ShardDataset adds the neighbour channels when it reads
+    assert loaded.features["pixel_values"].shape == (1, SIZE, SIZE)
     assert loaded.with_format("numpy")[0]["labels"].shape == (14,)
+    meta = json.loads((out / entry["path"] / chunking.SHARD_META).read_text())
+    assert meta["neighbor_offset"] == PREPROCESS.neighbor_offset
 
 
 def test_rerun_over_a_finished_output_rewrites_nothing(dataset, reference):
@@ -376,4 +379,12 @@ def test_command_line_writes_the_windows_scheme(dataset, capsys):
     assert [s["path"] for s in manifest["shards"]] == ["shard_00000", "val_00000"]
     pixels = ShardDataset(out / "shard_00000").read_uint8([0])[0]
     assert pixels.shape == (3, 32, 32) and not np.array_equal(pixels[0], pixels[1])
+    assert datasets.load_from_disk(str(out / "shard_00000")).features["pixel_values"].shape == (3, 32, 32)
+    assert "neighbor_offset" not in json.loads((out / "shard_00000" / chunking.SHARD_META).read_text())
     assert "2/2 shards complete" in capsys.readouterr().out
+
+
+def test_a_manifest_of_another_format_is_refused_with_the_fix(tmp_path):
+    (tmp_path / chunking.MANIFEST).write_text(json.dumps({"format": 1, "shards": []}))
+    with pytest.raises(ValueError, match="manifest format 1, this vit-spine reads 2; chunk the data again"):
+        load_manifest(tmp_path)

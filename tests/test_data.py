@@ -17,7 +17,7 @@ from vit_spine.data import (
     model_input,
     positive_slices,
 )
-from vit_spine.preprocess import PreprocessConfig
+from vit_spine.preprocess import PreprocessConfig, stack_channels
 
 SIZE = 16
 
@@ -131,10 +131,17 @@ def test_collate_batch_equals_the_trainer_collator_without_copying(hf_shard):
     torch.testing.assert_close(collate_batch(reversed_rows)["pixel_values"], torch.stack([i["pixel_values"] for i in reversed_rows]))
 
 
-def test_reads_a_shard_written_by_the_chunker_one_batch_per_study(tmp_path):
-    """write_shard streams each study as one record batch; the reader sees every study's rows in order."""
+@pytest.mark.parametrize("channels", ["bone25d", "windows"])
+def test_reads_a_shard_written_by_the_chunker_one_batch_per_study(channels, tmp_path):
+    """write_shard streams each study as one record batch; the reader sees every study's rows in order.
+
+    'bone25d' shards store one channel per slice and the reader adds the neighbours exactly as
+    `stack_channels` (what predict uses) does; 'windows' shards store and read three channels.
+    """
+    config = PreprocessConfig(image_size=SIZE, channels=channels, neighbor_offset=2)
+    stored = 1 if channels == "bone25d" else 3
     rng = np.random.default_rng(3)
-    studies = {f"s{k}": rng.integers(0, 256, (n, 3, SIZE, SIZE), dtype=np.uint8) for k, n in enumerate((5, 1, 9))}
+    studies = {f"s{k}": rng.integers(0, 256, (n, stored, SIZE, SIZE), dtype=np.uint8) for k, n in enumerate((5, 1, 9))}
     slices = {}
     for uid, pixels in studies.items():
         n = len(pixels)
@@ -151,11 +158,12 @@ def test_reads_a_shard_written_by_the_chunker_one_batch_per_study(tmp_path):
     ok["s2"][[0, 4]] = False  # two slices "failed to decode": the study yields 7 rows
     rendered = iter(RenderedStudy(uid, p[ok[uid]], ok[uid], []) for uid, p in studies.items())
     plan = ShardPlan("shard_00000", "train", list(studies), 15, 0, {})
-    meta = write_shard(tmp_path, plan, rendered, slices, PreprocessConfig(image_size=SIZE))
+    meta = write_shard(tmp_path, plan, rendered, slices, config)
     assert meta["num_slices"] == 13 and not (tmp_path / ".tmp-shard_00000").exists()
+    assert datasets.load_from_disk(str(tmp_path / "shard_00000")).features["pixel_values"].shape == (stored, SIZE, SIZE)
     dataset = ShardDataset(tmp_path / "shard_00000")
     assert len(dataset._pixel_chunks) == 3
-    expected = np.concatenate([p[ok[uid]] for uid, p in studies.items()])
+    expected = np.concatenate([stack_channels(list(p[ok[uid]]), config) for uid, p in studies.items()])
     np.testing.assert_array_equal(dataset.read_uint8(np.arange(13)), expected)
     assert dataset.slice_numbers[-7:].tolist() == [1, 2, 3, 5, 6, 7, 8]
     expected_labels = pd.concat([slices[uid][ok[uid]] for uid in studies])[list(LABEL_COLUMNS)].to_numpy(np.float32)

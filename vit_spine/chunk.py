@@ -13,8 +13,11 @@
    RANK/WORLD_SIZE from `accelerate launch` / torchrun) give each process every world_size-th shard.
 
 Each shard folder is a `datasets` Dataset (`datasets.load_from_disk` opens it) with the features of
-`shard_features`, plus `vit_spine_shard.json` (its studies, slice count, and the slices that failed to
-decode). `load_manifest(DIR)` merges those into the manifest.
+`shard_features`, plus `vit_spine_shard.json` (its studies, slice count, the slices that failed to
+decode, and the neighbour offset). A shard stores what `render_slice` makes of each slice: one bone-
+window channel for 'bone25d' (each slice once; `ShardDataset` adds the neighbours below and above when
+it reads, a third of the bytes of storing all three), three windows for 'windows'. The rows of a study
+are contiguous and sorted by z. `load_manifest(DIR)` merges the shard files into the manifest.
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from vit_spine import STUDY_TARGETS, VERTEBRAE
-from vit_spine.preprocess import PreprocessConfig, render_slice, stack_channels
+from vit_spine.preprocess import PreprocessConfig, render_slice
 
-FORMAT = 1
+FORMAT = 2  # 2: 'bone25d' shards store one channel per slice
 MANIFEST = "manifest.json"
 SLICE_TABLE = "slice_table.parquet"
 SHARD_META = "vit_spine_shard.json"
@@ -133,7 +136,10 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no manifest; run `vit-spine chunk DATA_DIR --out {directory}` first")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: manifest format {manifest.get('format')!r}, this vit-spine reads {FORMAT}")
+        raise ValueError(
+            f"{path}: manifest format {manifest.get('format')!r}, this vit-spine reads {FORMAT}; "
+            "chunk the data again into a new --out folder"
+        )
     return with_shard_state(manifest, directory)
 
 
@@ -365,12 +371,13 @@ def plan_shards(
 # ---------------------------------------------------------------- shard files
 
 
-def shard_features(image_size: int):
+def shard_features(image_size: int, channels: int = 3):
+    """The columns of a shard; `channels` stored per slice (1 for 'bone25d', 3 for 'windows')."""
     import datasets
 
     return datasets.Features(
         {
-            "pixel_values": datasets.Array3D((3, image_size, image_size), "uint8"),
+            "pixel_values": datasets.Array3D((channels, image_size, image_size), "uint8"),
             "labels": datasets.List(datasets.Value("float32"), length=len(LABEL_COLUMNS)),
             "study_labels": datasets.List(datasets.Value("float32"), length=len(STUDY_LABEL_COLUMNS)),
             "StudyInstanceUID": datasets.Value("string"),
@@ -442,8 +449,9 @@ def write_dataset_files(folder: Path, features, split: str, fingerprint: str) ->
 def render_study(paths: Sequence[str], config: PreprocessConfig, out: np.ndarray | None = None):
     """Decode and preprocess one study's slices (z ascending).
 
-    Returns (pixels uint8 (n_ok, 3, S, S) -- a view of `out` when given --, ok mask over `paths`,
-    problems [(path, reason)] of the slices that failed to decode).
+    Returns (pixels uint8 (n_ok, k, S, S) as the shard stores them (k = `stored_channels(config)`) -- a
+    view of `out` when given --, ok mask over `paths`, problems [(path, reason)] of the slices that
+    failed to decode).
     """
     from vit_spine.dicom import DicomReadError, read_hu
 
@@ -461,7 +469,16 @@ def render_study(paths: Sequence[str], config: PreprocessConfig, out: np.ndarray
             continue
         rendered.append(render_slice(hu, config))
         ok[i] = True
-    return stack_channels(rendered, config, out=out), ok, problems
+    shape = (len(rendered), stored_channels(config), config.image_size, config.image_size)
+    pixels = np.empty(shape, np.uint8) if out is None else out[: len(rendered)]
+    for i, image in enumerate(rendered):
+        pixels[i] = image
+    return pixels, ok, problems
+
+
+def stored_channels(config: PreprocessConfig) -> int:
+    """Channels a shard stores per slice: what `render_slice` returns (1 bone window, or 3 windows)."""
+    return len(config.window_list())
 
 
 _WORKER: dict[str, Any] = {}
@@ -482,7 +499,7 @@ def _render_into_slot(task: tuple[str, list[str], str]) -> tuple[str, np.ndarray
         slots[slot_name] = shared_memory.SharedMemory(name=slot_name)
     config: PreprocessConfig = _WORKER["config"]
     size = config.image_size
-    buffer = np.ndarray((len(paths), 3, size, size), np.uint8, buffer=slots[slot_name].buf)
+    buffer = np.ndarray((len(paths), stored_channels(config), size, size), np.uint8, buffer=slots[slot_name].buf)
     _, ok, problems = render_study(paths, config, out=buffer)
     del buffer
     return uid, ok, problems
@@ -513,7 +530,8 @@ def render_studies(
             yield RenderedStudy(uid, pixels, ok, problems)
         return
     size = config.image_size
-    slot_bytes = max(len(paths) for _, paths in tasks) * 3 * size * size
+    channels = stored_channels(config)
+    slot_bytes = max(len(paths) for _, paths in tasks) * channels * size * size
     num_slots = workers + 2
     check_shared_memory(slot_bytes * num_slots)
     slots = [shared_memory.SharedMemory(create=True, size=slot_bytes) for _ in range(num_slots)]
@@ -533,7 +551,7 @@ def render_studies(
                     break
                 slot, result = pending.popleft()
                 uid, ok, problems = result.get()
-                pixels = np.ndarray((int(ok.sum()), 3, size, size), np.uint8, buffer=slot.buf)
+                pixels = np.ndarray((int(ok.sum()), channels, size, size), np.uint8, buffer=slot.buf)
                 yield RenderedStudy(uid, pixels, ok, problems)
                 del pixels
                 free.append(slot)
@@ -579,7 +597,7 @@ def write_shard(
     if tmp.exists():  # left by a killed run
         shutil.rmtree(tmp)
     tmp.mkdir()
-    features = shard_features(preprocess.image_size)
+    features = shard_features(preprocess.image_size, stored_channels(preprocess))
     schema = features.arrow_schema
     num_slices, problems = 0, []
     with pa.OSFile(str(tmp / ARROW_FILE), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
@@ -606,6 +624,8 @@ def write_shard(
         "problems": problems,
         "fingerprint": fingerprint,
     }
+    if stored_channels(preprocess) == 1:  # ShardDataset rebuilds the neighbour channels with it
+        meta["neighbor_offset"] = preprocess.neighbor_offset
     (tmp / SHARD_META).write_text(json.dumps(meta, indent=1) + "\n")
     os.rename(tmp, final)
     return meta

@@ -2,8 +2,10 @@
 
 `datasets` decodes an Array3D row by row into Python/numpy objects (about 4k img/s here, DESIGN.md
 pitfall 8). The shard's Arrow file is memory-mapped, and the uint8 pixels of each record batch are one
-contiguous buffer, so `ShardDataset` views them as numpy arrays (n, 3, S, S) without a copy and a batch
-is one copy per slice out of the memory map: memmap speed.
+contiguous buffer, so `ShardDataset` views them as numpy arrays (n, k, S, S) without a copy and a batch
+is copied straight out of the memory map: memmap speed. 'bone25d' shards store each slice once (k = 1);
+the reader puts the slices below and above it (same study, `neighbor_offset` away, the end slice
+repeated at the ends) into channels 0 and 2, exactly as `preprocess.stack_channels` does.
 
 Batches stay uint8 all the way to the device (a quarter of the bytes of float32 through pinned memory
 and PCIe); `model_input` turns them into the model's float input there, and applies the random
@@ -13,6 +15,7 @@ feeds a GPU then only copies bytes. `collate_batch` hands the batch on without s
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +48,12 @@ class AugmentConfig:
 class ShardDataset(torch.utils.data.Dataset):
     """One shard (a `datasets` folder written by `vit-spine chunk`) as a torch Dataset.
 
-    Items: {"pixel_values": uint8 (3, S, S) exactly as stored, "labels": float32 (14,) with NaN where a
-    target is unknown}; `model_input` makes the model's input from a batch of them. `__getitems__` reads
+    Items: {"pixel_values": uint8 (3, S, S) as stored (with the neighbour channels added for a one-channel
+    'bone25d' shard), "labels": float32 (14,) with NaN where a target is unknown}; `model_input` makes
+    the model's input from a batch of them. `__getitems__` reads
     a whole batch at once (the DataLoader uses it). Per-slice metadata as numpy arrays: `labels` (n, 14),
-    `study_labels` (n, 8), `study_ids`, `slice_numbers`, `zs`.
+    `study_labels` (n, 8), `study_ids`, `slice_numbers`, `zs`; `neighbors`: (below, above) row arrays
+    for a one-channel shard, else None.
     """
 
     def __init__(self, path: str | Path):
@@ -64,14 +69,20 @@ class ShardDataset(torch.utils.data.Dataset):
         )
         if missing:
             raise ValueError(f"{self.path}: not a vit-spine shard, missing column(s) {sorted(missing)}")
-        self.image_size = int(dataset.features["pixel_values"].shape[-1])
-        self._pixel_chunks = [pixel_view(chunk, self.path) for chunk in table.column("pixel_values").chunks]
+        shape = tuple(int(v) for v in dataset.features["pixel_values"].shape)
+        self.image_size = shape[-1]
+        self._pixel_chunks = [pixel_view(chunk, self.path, shape) for chunk in table.column("pixel_values").chunks]
         self._chunk_starts = np.cumsum([0] + [len(c) for c in self._pixel_chunks])
         self.labels = fixed_list_to_numpy(table.column("labels"), NUM_LABELS)
         self.study_labels = fixed_list_to_numpy(table.column("study_labels"), NUM_STUDY_LABELS)
         self.study_ids = np.asarray(table.column("StudyInstanceUID").to_pylist(), dtype=object)
         self.slice_numbers = table.column("slice_number").to_numpy()
         self.zs = table.column("z").to_numpy()
+        stored = shape[0]
+        if stored not in (1, 3):
+            raise ValueError(f"{self.path}: pixel_values has {stored} channels; expected 1 ('bone25d') or 3")
+        # (below, above): rows of the slices that fill channels 0 and 2, for one-channel ('bone25d') shards
+        self.neighbors = neighbor_rows(self.study_ids, read_neighbor_offset(self.path)) if stored == 1 else None
         self._dataset = dataset  # keeps the memory map open for the views
 
     def __getstate__(self) -> dict:
@@ -94,20 +105,57 @@ class ShardDataset(torch.utils.data.Dataset):
         return [{"pixel_values": v, "labels": y} for v, y in zip(pixels, labels)]
 
     def read_uint8(self, indices) -> np.ndarray:
-        """The stored pixels of `indices` as one uint8 array (len(indices), 3, S, S)."""
+        """The pixels of `indices` as one uint8 array (len(indices), 3, S, S)."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self)
         if indices.size and (indices.min() < -n or indices.max() >= n):
             raise IndexError(f"index out of range for a shard of {n} slices")
         indices = np.where(indices < 0, indices + n, indices)
-        chunk_of = np.searchsorted(self._chunk_starts, indices, side="right") - 1
-        local = indices - self._chunk_starts[chunk_of]
         size = self.image_size
         out = np.empty((len(indices), 3, size, size), np.uint8)
-        chunks = self._pixel_chunks
-        for row, (c, i) in enumerate(zip(chunk_of.tolist(), local.tolist())):
-            out[row] = chunks[c][i]  # one copy per slice, straight from the memory map
+        if self.neighbors is None:
+            self._copy_rows(indices, out)
+        else:
+            below, above = self.neighbors
+            for channel, rows in enumerate((below[indices], indices, above[indices])):
+                self._copy_rows(rows, out[:, channel : channel + 1])
         return out
+
+    def _copy_rows(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """out[k] = stored pixels of row rows[k]: one copy per slice, straight from the memory map."""
+        chunk_of = np.searchsorted(self._chunk_starts, rows, side="right") - 1
+        local = rows - self._chunk_starts[chunk_of]
+        chunks = self._pixel_chunks
+        for k, (c, i) in enumerate(zip(chunk_of.tolist(), local.tolist())):
+            out[k] = chunks[c][i]
+
+
+def read_neighbor_offset(path: Path) -> int:
+    """The neighbour distance a one-channel shard was written with (its `vit_spine_shard.json`)."""
+    from vit_spine.chunk import SHARD_META
+
+    meta_path = path / SHARD_META
+    try:
+        offset = json.loads(meta_path.read_text())["neighbor_offset"]
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{meta_path}: a one-channel shard needs its neighbor_offset here ({error!r})") from error
+    if not isinstance(offset, int) or offset < 1:
+        raise ValueError(f"{meta_path}: neighbor_offset must be a positive integer, got {offset!r}")
+    return offset
+
+
+def neighbor_rows(study_ids: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `offset` below and above each row within its study (rows of a study are contiguous, z-sorted);
+    the first / last row of the study where that goes past its end (as `preprocess.stack_channels`)."""
+    n = len(study_ids)
+    rows = np.arange(n)
+    starts_here = np.ones(n, bool)
+    starts_here[1:] = study_ids[1:] != study_ids[:-1]
+    first = np.maximum.accumulate(np.where(starts_here, rows, 0))
+    ends_here = np.ones(n, bool)
+    ends_here[:-1] = starts_here[1:]
+    last = np.minimum.accumulate(np.where(ends_here, rows, n - 1)[::-1])[::-1]
+    return np.maximum(rows - offset, first), np.minimum(rows + offset, last)
 
 
 def collate_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -157,8 +205,8 @@ def model_input(pixels: torch.Tensor, augment: AugmentConfig | None = None) -> t
     return images.sub_(0.5).div_(0.5)
 
 
-def pixel_view(chunk: pa.Array, path: Path) -> np.ndarray:
-    """Zero-copy uint8 (rows, 3, S, S) view of one Arrow chunk of an Array3D column."""
+def pixel_view(chunk: pa.Array, path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """Zero-copy uint8 (rows, *shape) view of one Arrow chunk of an Array3D column of that shape."""
     storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
     values = storage
     depth = 0
@@ -173,10 +221,9 @@ def pixel_view(chunk: pa.Array, path: Path) -> np.ndarray:
         raise ValueError(f"{path}: pixel_values is not a 3-D uint8 array column ({chunk.type})")
     flat = values.to_numpy(zero_copy_only=True)
     rows = len(chunk)
-    if rows and flat.size % rows:
-        raise ValueError(f"{path}: pixel_values rows have different sizes")
-    side = math.isqrt(flat.size // max(rows, 1) // 3)
-    return flat.reshape(rows, 3, side, side)
+    if flat.size != rows * math.prod(shape):
+        raise ValueError(f"{path}: pixel_values holds {flat.size} bytes for {rows} rows of {shape}")
+    return flat.reshape(rows, *shape)
 
 
 def fixed_list_to_numpy(column: pa.ChunkedArray, width: int) -> np.ndarray:

@@ -3,8 +3,10 @@
 - ours: `ShardDataset.__getitems__` + `vit_spine.train.collate`, exactly what the Trainer's DataLoader
   runs: a uint8 (batch, 3, S, S) batch plus labels. Normalisation and augmentation happen later, on the
   device (`vit_spine.data.model_input`), for every way alike, so they are timed separately, for information.
-- memmap: the same uint8 pixels in a plain .npy, `np.load(mmap_mode="r")[indices]`
-- datasets: `Dataset.with_format("torch")[indices]["pixel_values"]`
+- memmap: the same uint8 (batch, 3, S, S) pixels, neighbour channels included, in a plain .npy,
+  `np.load(mmap_mode="r")[indices]`
+- datasets: `Dataset.with_format("torch")[indices]["pixel_values"]` (for a one-channel 'bone25d' shard,
+  also the neighbours' rows, concatenated into the same 3-channel batch)
 
 The ways take turns (interleaved repetitions) so that machine noise hits all of them alike.
 Goals: ours/memmap >= 0.5, ours/datasets >= 5.
@@ -73,10 +75,18 @@ def run(config: LoaderBenchConfig) -> dict[str, float]:
         npy = Path(tmp) / "pixels.npy"
         write_npy(ours, npy)
         memmap = np.load(npy, mmap_mode="r")
+        def batch_datasets(indices: np.ndarray) -> torch.Tensor:
+            pixels = hf[indices.tolist()]["pixel_values"]
+            if ours.neighbors is None:
+                return pixels
+            # a one-channel 'bone25d' shard: the same 3-channel batch, neighbours read through datasets too
+            below, above = (hf[rows[indices].tolist()]["pixel_values"] for rows in ours.neighbors)
+            return torch.cat([below, pixels, above], dim=1)
+
         ways: dict[str, Callable[[np.ndarray], torch.Tensor]] = {
             "ours": lambda indices: collate(ours.__getitems__(indices.tolist()))["pixel_values"],
             "memmap": lambda indices: torch.from_numpy(memmap[indices]),
-            "datasets": lambda indices: hf[indices.tolist()]["pixel_values"],
+            "datasets": batch_datasets,
         }
         check = rng.choice(n, batch, replace=False)
         reference = ways["memmap"](check)
