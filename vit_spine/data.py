@@ -50,10 +50,9 @@ class ShardDataset(torch.utils.data.Dataset):
 
     Items: {"pixel_values": uint8 (3, S, S) as stored (with the neighbour channels added for a one-channel
     'bone25d' shard), "labels": float32 (14,) with NaN where a target is unknown}; `model_input` makes
-    the model's input from a batch of them. `__getitems__` reads
-    a whole batch at once (the DataLoader uses it). Per-slice metadata as numpy arrays: `labels` (n, 14),
-    `study_labels` (n, 8), `study_ids`, `slice_numbers`, `zs`; `neighbors`: (below, above) row arrays
-    for a one-channel shard, else None.
+    the model's input from a batch of them. `__getitems__` reads a whole batch at once (the DataLoader
+    uses it). Per-slice metadata as numpy arrays: `labels` (n, 14), `study_labels` (n, 8), `study_ids`,
+    `slice_numbers`, `zs`; `neighbors`: (below, above) row arrays for a one-channel shard, else None.
     """
 
     def __init__(self, path: str | Path):
