@@ -485,9 +485,6 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(config: PreprocessConfig) -> None:
-    import torch
-
-    torch.set_num_threads(1)  # one process per core already
     _WORKER["config"] = config
     _WORKER["slots"] = {}
 

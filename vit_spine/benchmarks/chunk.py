@@ -131,8 +131,6 @@ class PeakMemory:
 
 
 def run(config: ChunkBenchConfig) -> dict[str, float]:
-    import torch
-
     from vit_spine.chunk import ChunkConfig, chunk, select_training_slices
     from vit_spine.dicom import read_hu
     from vit_spine.preprocess import PreprocessConfig, render_slice
@@ -156,9 +154,7 @@ def run(config: ChunkBenchConfig) -> dict[str, float]:
             raise ValueError(f"{config.data_dir}: no labelled training slice to chunk")
         rows, cols = int(slices["rows"].iloc[0]), int(slices["columns"].iloc[0])
 
-        # one-process cost breakdown per slice, with one torch thread as in the workers
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        # one-process cost breakdown per slice
         sample = slices["path"].sample(min(config.sample, n), random_state=0).tolist()
         decode_ms, render_ms = [], []
         for path in sample:
@@ -168,7 +164,6 @@ def run(config: ChunkBenchConfig) -> dict[str, float]:
             render_slice(hu, preprocess)
             decode_ms.append((t1 - t0) * 1e3)
             render_ms.append((time.perf_counter() - t1) * 1e3)
-        torch.set_num_threads(threads)
 
         decode_s, chunk_s, decode_cpu, chunk_cpu, peaks = [], [], [], [], []
         arrow_bytes = 0
