@@ -447,6 +447,7 @@ def test_decode_bench_runs_and_reports_ratios(tmp_path, capsys):
     assert "JPEG Lossless" in out and "RLE Lossless" in out
     assert "read_hu output identical to pydicom+gdcm on 3/3 files" in out
     assert "pydicom+gdcm failed on 1 files" in out
+    assert "libjpeg-turbo alone / pydicom+gdcm" in out and "(3 JPEG Lossless files" in out  # not the RLE one
     assert decode_bench.main([str(tmp_path / "data"), "--limit", "1", "--repeats", "1"]) == 0
     assert "1 of 4 .dcm files" in capsys.readouterr().out
 

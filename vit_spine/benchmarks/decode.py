@@ -6,6 +6,10 @@ pass that also checks that `read_hu` equals pydicom+gdcm file by file. Rates use
 median time over the repetitions; a method that cannot decode a file (gdcm has no RLE) is left out of the comparisons
 that involve it, and counted.
 
+On JPEG Lossless files it also times libjpeg-turbo's decode alone (`imagecodecs.jpeg8_decode` on
+frames read ahead: no file read, no parse, no modality LUT), interleaved with the others: the
+ceiling any reader built on it could reach, printed as its own ratio to pydicom+gdcm.
+
 `--make_sample N` first writes N synthetic 512x512 CT slices, JPEG Lossless SV1 encoded with
 gdcm like most RSNA 2022 slices, into DIR/synthetic_ct/, so the benchmark runs anywhere.
 """
@@ -21,14 +25,16 @@ import numpy as np
 import pydicom
 from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_modality_lut, pixel_array
 from tqdm import tqdm
 
 from vit_spine.cli import parse_config
-from vit_spine.dicom import encode_jpeg_lossless, read_hu
+from vit_spine.dicom import JPEG_LOSSLESS_SYNTAXES, encode_jpeg_lossless, read_hu
 
 BASELINES = ("pydicom+gdcm", "pydicom+pylibjpeg")
 METHODS = ("read_hu", *BASELINES)
+FLOOR = "libjpeg-turbo alone"
 
 
 @dataclass
@@ -176,7 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     syntaxes = [_transfer_syntax_name(path) for path in paths]
 
     outputs_equal, failures = _check_pass(paths)
-    times = _time_interleaved(paths, failures, config.repeats, config.block)
+    decoders = dict(DECODERS)
+    frames = _jpeg_lossless_frames(paths)
+    if frames:
+        decoders[FLOOR] = _decode_frame_alone(frames)
+        failures[FLOOR] = {i: "not JPEG Lossless" for i, path in enumerate(paths) if path not in frames}
+    times = _time_interleaved(paths, failures, config.repeats, config.block, decoders)
 
     print(f"\ndecode: {len(paths)} of {found} .dcm files under {root}, {config.repeats} interleaved repeats, per-file medians")
     everything = np.ones(len(paths), dtype=bool)
@@ -193,6 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         rates = ", ".join(_fmt_rate(_rate(times[name], mask)) for name in METHODS)
         print(f"{group[:56]:<56} {int(mask.sum()):>5} {_fmt_ratio(vs_gdcm):>8} {_fmt_ratio(vs_libjpeg):>12}   {rates}")
 
+    if FLOOR in times:
+        ceiling, count = _ratio(times[FLOOR], times["pydicom+gdcm"], everything)
+        rate = _fmt_rate(_rate(times[FLOOR], np.isfinite(times[FLOOR][0])))
+        print(
+            f"{FLOOR} / pydicom+gdcm {_fmt_ratio(ceiling)}  ({count} JPEG Lossless files, {rate} slices/s; "
+            "frames read ahead, no parse, no LUT: the ceiling for any reader built on it)"
+        )
+
     checked = len(paths) - len(failures["read_hu"] | failures["pydicom+gdcm"])
     print(f"\nread_hu output identical to pydicom+gdcm on {outputs_equal}/{checked} files both decode")
     for name in METHODS:
@@ -202,8 +221,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _jpeg_lossless_frames(paths: list[Path]) -> dict[Path, tuple[bytes, np.ndarray]]:
+    """Each single-frame JPEG Lossless file's JPEG stream and an output buffer to decode it into
+    (one per shape and dtype, reused as read_hu reuses its own); empty without imagecodecs."""
+    try:
+        import imagecodecs  # noqa: F401
+    except ImportError:
+        return {}
+    buffers: dict[tuple[int, int, str], np.ndarray] = {}
+    frames = {}
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path)
+            if ds.file_meta.TransferSyntaxUID not in JPEG_LOSSLESS_SYNTAXES or int(ds.get("NumberOfFrames") or 1) != 1:
+                continue
+            key = (int(ds.Rows), int(ds.Columns), f"{'i' if ds.PixelRepresentation else 'u'}{ds.BitsAllocated // 8}")
+            buffer = buffers.setdefault(key, np.empty(key[:2], key[2]))
+            frames[path] = (next(generate_frames(ds.PixelData, number_of_frames=1)), buffer)
+        except Exception:  # the check pass has already reported what cannot be read
+            continue
+    return frames
+
+
+def _decode_frame_alone(frames: dict[Path, tuple[bytes, np.ndarray]]) -> Callable[[Path], np.ndarray]:
+    from imagecodecs import jpeg8_decode
+
+    def decode(path: Path) -> np.ndarray:
+        frame, buffer = frames[path]
+        return jpeg8_decode(frame, out=buffer)
+
+    return decode
+
+
 def _time_interleaved(
-    paths: list[Path], failures: dict[str, dict[int, str]], repeats: int, block: int
+    paths: list[Path],
+    failures: dict[str, dict[int, str]],
+    repeats: int,
+    block: int,
+    decoders: dict[str, Callable[[Path], np.ndarray]],
 ) -> dict[str, np.ndarray]:
     """Seconds per (repeat, file) for each method; NaN where the method failed in the check pass.
 
@@ -211,17 +266,18 @@ def _time_interleaved(
     caches in their steady state); the methods take turns block by block, in rotating order, so
     that load from other processes on a shared machine falls on all of them alike.
     """
-    times = {name: np.full((repeats, len(paths)), np.nan) for name in METHODS}
+    names = tuple(decoders)
+    times = {name: np.full((repeats, len(paths)), np.nan) for name in names}
     blocks = [range(start, min(start + block, len(paths))) for start in range(0, len(paths), block)]
     for repeat in tqdm(range(repeats), desc="timing", unit="pass"):
         for number, indices in enumerate(blocks):
-            turn = (repeat + number) % len(METHODS)
-            for name in METHODS[turn:] + METHODS[:turn]:
+            turn = (repeat + number) % len(names)
+            for name in names[turn:] + names[:turn]:
                 for i in indices:
                     if i in failures[name]:
                         continue
                     start = time.perf_counter()
-                    DECODERS[name](paths[i])
+                    decoders[name](paths[i])
                     times[name][repeat, i] = time.perf_counter() - start
     return times
 
