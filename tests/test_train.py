@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import datasets
@@ -216,6 +217,35 @@ def test_train_pushes_each_finished_shard_and_main_holds_the_best(toy_chunks, tm
     best = min(rows, key=lambda r: r["weighted_log_loss"])["shard"]
     assert main_files["model.safetensors"] == (out / f"shard_{best:05d}" / "model.safetensors").read_bytes()
     assert "README.md" in main_files
+
+
+def test_the_next_shard_trains_while_a_push_uploads_and_a_failed_push_is_reported(toy_chunks, tmp_path, monkeypatch):
+    from vit_spine import hub
+
+    shards_begun = []
+
+    class CountShards(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            shards_begun.append(len(shards_begun))
+
+    pushes = []
+
+    def slow_push(plan, repo_id, **kwargs):
+        if plan.shard == 0:  # upload "until" shard 1 has started training (a synchronous push never sees that)
+            deadline = time.monotonic() + 20
+            while len(shards_begun) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        pushes.append((plan.shard, len(shards_begun)))
+        ok = plan.shard == 0
+        return hub.PushResult(ok, plan.checkpoint, repo_id, plan.revision, 1, error=None if ok else "refused by the test")
+
+    monkeypatch.setattr(hub, "send_push", slow_push)
+    cfg = train.TrainConfig(chunks=str(toy_chunks), output=str(tmp_path / "run"), model_config="tiny", augment=False,
+                            max_shards=2, patience=5)
+    args = make_args(learning_rate=1e-3, push_to_hub=True, hub_model_id="alice/spine")
+    result = train.run_training(cfg, PoolingConfig(calibration_folds=2), args, [CountShards()])
+    assert pushes == [(0, 2), (1, 2)]  # in order; shard 0's upload overlapped shard 1's training
+    assert [(r.checkpoint.name, r.error) for r in result.failed_pushes] == [("shard_00001", "refused by the test")]
 
 
 def test_evaluate_reproduces_the_logged_metric_of_the_best_shard(toy_chunks, tmp_path, capsys):

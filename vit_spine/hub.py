@@ -282,6 +282,25 @@ def push_checkpoint(
     if retries < 1:
         raise ValueError(f"retries={retries}: need at least one attempt")
     plan = plan_push(checkpoint, repo_id, run, is_best, revision)
+    return send_push(plan, repo_id, private=private, token=token, retries=retries, backoff_s=backoff_s, endpoint=endpoint)
+
+
+def send_push(
+    plan: PushPlan,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    retries: int = 3,
+    backoff_s: float = 2.0,
+    endpoint: str | None = None,
+) -> PushResult:
+    """Upload a planned push as one commit, retrying as `push_checkpoint` describes.
+
+    Reads only the checkpoint's files, so it can run in a background thread while training writes
+    the next shard (the plan, with the model card, is made beforehand from the run's metrics).
+    """
+    checkpoint = plan.checkpoint
     endpoint = hub_endpoint(endpoint)
     result = PushResult(ok=False, checkpoint=checkpoint, repo_id=repo_id, revision=plan.revision, attempts=0)
 

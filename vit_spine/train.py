@@ -472,7 +472,7 @@ def run_training(
     stop = StopRequest()
     stop.install()
     interrupted = False
-    failed_pushes = []
+    pusher = ShardPusher(run) if run.hub_model_id and run.state.is_main_process else None
     try:
         for k in range(len(run.train_sets)):
             if best is not None and max(done, default=-1) - best["shard"] >= config.patience:
@@ -495,12 +495,13 @@ def run_training(
                 if run.state.is_main_process:
                     point_best(run.output, k)
             print(format_table([row]).splitlines()[-1], flush=True)
-            if run.hub_model_id and run.state.is_main_process:
-                failed_pushes += push_shard(run, k, is_best=best["shard"] == k)
+            if pusher is not None:
+                pusher.submit(k, is_best=best["shard"] == k)
             if k - best["shard"] >= config.patience:
                 print(f"early stopping: {config.patience} shard(s) without improvement since shard {best['shard']}")
     finally:
         stop.uninstall()
+        failed_pushes = pusher.finish() if pusher is not None else []
     if run.state.is_main_process and best is not None:
         write_summary(run.output, rows, best)
     for failure in failed_pushes:
@@ -513,14 +514,43 @@ def run_training(
     )
 
 
-def push_shard(run: Run, k: int, is_best: bool) -> list:
-    """Push shard k (one commit); returns [result] if it failed. The local checkpoint is kept either way."""
-    from vit_spine.hub import push_checkpoint
+class ShardPusher:
+    """Pushes finished shards to the Hub in a background thread, one at a time and in order, so that
+    the next shard trains during the upload (a ViT-B/16 checkpoint is about 350 MB)."""
 
-    result = push_checkpoint(shard_dir(run.output, k), run.hub_model_id, is_best=is_best, run_dir=run.output,
-                             private=bool(run.args.hub_private_repo))
-    print(result.summary(), flush=True)
-    return [] if result.ok else [result]
+    def __init__(self, run: Run) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.run = run
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
+        self.pending: list = []  # (shard, future)
+
+    def submit(self, k: int, is_best: bool) -> None:
+        """Plan shard k's commit now (its model card reads metrics.jsonl), upload it in the background."""
+        from vit_spine.hub import plan_push
+
+        plan = plan_push(shard_dir(self.run.output, k), self.run.hub_model_id, self.run.output, is_best, None)
+        self.pending.append((k, self.pool.submit(self._send, plan)))
+
+    def finish(self) -> list:
+        """Wait for every push; returns the PushResults of those that failed."""
+        waiting = [k for k, future in self.pending if not future.done()]
+        if waiting:
+            print(f"waiting for the Hub push of shard(s) {', '.join(f'{k:05d}' for k in waiting)}", flush=True)
+        self.pool.shutdown(wait=True)
+        results = [future.result() for _, future in self.pending]
+        return [result for result in results if not result.ok]
+
+    def _send(self, plan):
+        from vit_spine.hub import PushResult, send_push
+
+        repo_id = self.run.hub_model_id
+        try:
+            result = send_push(plan, repo_id, private=bool(self.run.args.hub_private_repo))
+        except Exception as error:  # noqa: BLE001 - reported like any failed push; training goes on
+            result = PushResult(False, plan.checkpoint, repo_id, plan.revision, 1, error=f"{type(error).__name__}: {error}")
+        print(result.summary(), flush=True)
+        return result
 
 
 def save_shard(trainer: Trainer, directory: Path, row: dict, run: Run, calibrator) -> None:
