@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,27 @@ def shared_rsna() -> Path:
     if not (path / "train.csv").is_file():
         pytest.skip("../shared/rsna2022 not present (only in the dev workspace)")
     return path
+
+
+@pytest.fixture
+def disk_events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Records ("fsync", real path) and ("rename", real target path) for os.fsync/rename/replace, in order."""
+    events = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(source, target):
+        real_rename(source, target)
+        events.append(("rename", os.path.realpath(target)))
+
+    def replace(source, target):
+        real_replace(source, target)
+        events.append(("rename", os.path.realpath(target)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
+    return events

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -343,6 +344,20 @@ def test_killed_run_resumes_to_byte_identical_shards(dataset, reference, monkeyp
     assert manifest == {**ref_manifest, "data_dir": manifest["data_dir"]}
     for entry in ref_manifest["shards"]:
         assert folder_bytes(out / entry["path"]) == folder_bytes(ref_out / entry["path"])
+
+
+def test_a_shard_is_on_disk_before_the_rename_that_marks_it_done(dataset, disk_events):
+    out = dataset["root"] / "durable"
+    manifest = chunk(config_for(dataset, out), PREPROCESS)
+    real_out = os.path.realpath(out)
+    for entry in manifest["shards"]:
+        renamed_at = disk_events.index(("rename", f"{real_out}/{entry['path']}"))
+        flushed = {path for kind, path in disk_events[:renamed_at] if kind == "fsync"}
+        tmp = f"{real_out}/{chunking.TMP_PREFIX}{entry['path']}"
+        assert {f"{tmp}/{name}" for name in os.listdir(out / entry["path"])} | {tmp} <= flushed
+        assert disk_events[renamed_at + 1] == ("fsync", real_out)  # the new folder entry itself
+    manifest_at = max(i for i, event in enumerate(disk_events) if event == ("rename", f"{real_out}/manifest.json"))
+    assert disk_events[manifest_at - 1][1].startswith(f"{real_out}/{chunking.TMP_PREFIX}manifest.json")
 
 
 def test_ranks_divide_the_shards_exactly_once(dataset, reference):

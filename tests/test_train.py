@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from vit_spine import train
 from vit_spine.chunk import FORMAT, SHARD_META, shard_features
-from vit_spine.evaluation import PoolingConfig
+from vit_spine.evaluation import CHECKPOINT_META, PoolingConfig
 from vit_spine.model import IGNORE_INDEX, MaskedBCELoss
 
 SIZE = 32
@@ -246,6 +247,16 @@ def test_the_next_shard_trains_while_a_push_uploads_and_a_failed_push_is_reporte
     result = train.run_training(cfg, PoolingConfig(calibration_folds=2), args, [CountShards()])
     assert pushes == [(0, 2), (1, 2)]  # in order; shard 0's upload overlapped shard 1's training
     assert [(r.checkpoint.name, r.error) for r in result.failed_pushes] == [("shard_00001", "refused by the test")]
+
+
+def test_a_shard_checkpoint_is_on_disk_before_its_marker_says_done(toy_chunks, tmp_path, disk_events):
+    out = tmp_path / "run"
+    run(toy_chunks, out, max_shards=1, args={"learning_rate": 0.0})
+    shard = os.path.realpath(out / "shard_00000")
+    marked_at = disk_events.index(("rename", f"{shard}/{CHECKPOINT_META}"))
+    flushed = {path for kind, path in disk_events[:marked_at] if kind == "fsync"}
+    assert {f"{shard}/model.safetensors", f"{shard}/config.json", f"{shard}/trainer_state.json"} <= flushed
+    assert disk_events[marked_at + 1] == ("fsync", shard)
 
 
 def test_evaluate_reproduces_the_logged_metric_of_the_best_shard(toy_chunks, tmp_path, capsys):

@@ -23,6 +23,7 @@ are contiguous and sorted by z. `load_manifest(DIR)` merges the shard files into
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -177,8 +178,37 @@ def write_json_atomic(path: Path, content: dict[str, Any]) -> bool:
         return False
     partial = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     partial.write_text(text)
-    os.replace(partial, path)
+    durable_replace(partial, path)
     return True
+
+
+def flush_to_disk(path: Path) -> None:
+    """fsync a file, or a folder's entries. A rename that marks work as done (a shard folder, a
+    checkpoint's vit_spine.json) must come after its data is on disk: after a power loss, resuming
+    would otherwise trust a file the page cache never wrote. Filesystems without fsync are skipped."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def flush_folder_files(folder: Path) -> None:
+    """fsync the files directly in `folder` (not its subfolders), then the folder's entries."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            flush_to_disk(path)
+    flush_to_disk(folder)
+
+
+def durable_replace(source: Path, target: Path) -> None:
+    """os.replace with the data flushed before and the folder's new entry after."""
+    flush_to_disk(source)
+    os.replace(source, target)
+    flush_to_disk(target.parent)
 
 
 def versions() -> dict[str, str]:
@@ -624,7 +654,9 @@ def write_shard(
     if stored_channels(preprocess) == 1:  # ShardDataset rebuilds the neighbour channels with it
         meta["neighbor_offset"] = preprocess.neighbor_offset
     (tmp / SHARD_META).write_text(json.dumps(meta, indent=1) + "\n")
+    flush_folder_files(tmp)
     os.rename(tmp, final)
+    flush_to_disk(out)
     return meta
 
 
@@ -714,7 +746,7 @@ def plan_from_entry(entry: dict[str, Any]) -> ShardPlan:
 def write_slice_table(slices: pd.DataFrame, out: Path) -> None:
     partial = out / f"{TMP_PREFIX}{SLICE_TABLE}"
     slices.to_parquet(partial, index=False)
-    os.replace(partial, out / SLICE_TABLE)
+    durable_replace(partial, out / SLICE_TABLE)
 
 
 def check_same_options(manifest: dict, config: ChunkConfig, preprocess: PreprocessConfig, path: Path) -> None:

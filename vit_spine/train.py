@@ -571,7 +571,8 @@ def save_shard(trainer: Trainer, directory: Path, row: dict, run: Run, calibrato
     }
     tmp = directory / (CHECKPOINT_META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, directory / CHECKPOINT_META)
+    chunking.flush_folder_files(directory)  # the weights are on disk before the marker says "done"
+    chunking.durable_replace(tmp, directory / CHECKPOINT_META)
     if not run.config.keep_trainer_checkpoints:
         shutil.rmtree(directory / "trainer", ignore_errors=True)
 
