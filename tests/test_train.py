@@ -249,6 +249,39 @@ def test_the_next_shard_trains_while_a_push_uploads_and_a_failed_push_is_reporte
     assert [(r.checkpoint.name, r.error) for r in result.failed_pushes] == [("shard_00001", "refused by the test")]
 
 
+def test_ctrl_c_while_waiting_for_a_stalled_push_ends_the_wait_and_names_the_shard(tmp_path, monkeypatch, capsys):
+    import _thread
+    import threading
+    from types import SimpleNamespace
+
+    from vit_spine import hub
+
+    release = threading.Event()
+    monkeypatch.setattr(hub, "plan_push", lambda checkpoint, *args: SimpleNamespace(checkpoint=checkpoint, shard=0))
+    def stalled_upload(plan, repo_id, **kwargs):
+        release.wait()
+        return hub.PushResult(False, plan.checkpoint, repo_id, "main", 1, error="stalled")
+
+    monkeypatch.setattr(hub, "send_push", stalled_upload)
+    run = SimpleNamespace(output=tmp_path, hub_model_id="alice/spine", args=SimpleNamespace(hub_private_repo=False))
+    pusher = train.ShardPusher(run)
+    pusher.submit(0, is_best=True)
+    threading.Timer(0.5, _thread.interrupt_main).start()
+    watchdog = threading.Timer(15, release.set)  # a wait that ignores the Ctrl-C fails the test, never hangs it
+    watchdog.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pusher.finish()
+        assert time.monotonic() - start < 10
+    finally:
+        release.set()
+        watchdog.cancel()
+    out = capsys.readouterr().out
+    assert "waiting for the Hub push of shard(s) 00000" in out
+    assert f"abandoned the Hub push of shard(s) 00000; the checkpoints are kept: push them with `vit-spine push {tmp_path}/" in out
+
+
 def test_a_shard_checkpoint_is_on_disk_before_its_marker_says_done(toy_chunks, tmp_path, disk_events):
     out = tmp_path / "run"
     run(toy_chunks, out, max_shards=1, args={"learning_rate": 0.0})

@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -516,30 +519,61 @@ def run_training(
 
 class ShardPusher:
     """Pushes finished shards to the Hub in a background thread, one at a time and in order, so that
-    the next shard trains during the upload (a ViT-B/16 checkpoint is about 350 MB)."""
+    the next shard trains during the upload (a ViT-B/16 checkpoint is about 350 MB).
+
+    The thread is a daemon: huggingface_hub's HTTP calls have no timeout, and Ctrl-C while the run
+    waits for a stalled upload at its end must still end the process (the checkpoints stay on disk).
+    """
 
     def __init__(self, run: Run) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.run = run
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
-        self.pending: list = []  # (shard, future)
+        self.queue: queue.Queue = queue.Queue()
+        self.pending: list[tuple[int, Future]] = []
+        threading.Thread(target=self._work, name="hub-push", daemon=True).start()
 
     def submit(self, k: int, is_best: bool) -> None:
         """Plan shard k's commit now (its model card reads metrics.jsonl), upload it in the background."""
         from vit_spine.hub import plan_push
 
         plan = plan_push(shard_dir(self.run.output, k), self.run.hub_model_id, self.run.output, is_best, None)
-        self.pending.append((k, self.pool.submit(self._send, plan)))
+        future: Future = Future()
+        self.queue.put((plan, future))
+        self.pending.append((k, future))
 
     def finish(self) -> list:
         """Wait for every push; returns the PushResults of those that failed."""
+        self.queue.put(None)
         waiting = [k for k, future in self.pending if not future.done()]
         if waiting:
-            print(f"waiting for the Hub push of shard(s) {', '.join(f'{k:05d}' for k in waiting)}", flush=True)
-        self.pool.shutdown(wait=True)
+            print(f"waiting for the Hub push of {self._names(waiting)} (Ctrl-C abandons it)", flush=True)
+        try:
+            # Wake up every second: a Ctrl-C that the kernel hands to the push thread only raises here
+            # when this thread runs Python code again.
+            futures = [future for _, future in self.pending]
+            while wait(futures, timeout=1.0).not_done:
+                pass
+        except KeyboardInterrupt:
+            unfinished = [k for k, future in self.pending if not future.done()]
+            print(
+                f"abandoned the Hub push of {self._names(unfinished)}; the checkpoints are kept: push them with "
+                f"`vit-spine push {self.run.output}/shard_XXXXX --repo-id {self.run.hub_model_id}`",
+                flush=True,
+            )
+            raise
         results = [future.result() for _, future in self.pending]
         return [result for result in results if not result.ok]
+
+    @staticmethod
+    def _names(shards: list[int]) -> str:
+        return "shard(s) " + ", ".join(f"{k:05d}" for k in shards)
+
+    def _work(self) -> None:
+        while (job := self.queue.get()) is not None:
+            plan, future = job
+            try:
+                future.set_result(self._send(plan))
+            except BaseException as error:  # a bug here must reach finish(), not leave it waiting
+                future.set_exception(error)
 
     def _send(self, plan):
         from vit_spine.hub import PushResult, send_push
