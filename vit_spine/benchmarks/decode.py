@@ -223,9 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _jpeg_lossless_frames(paths: list[Path]) -> dict[Path, tuple[bytes, np.ndarray]]:
     """Each single-frame JPEG Lossless file's JPEG stream and an output buffer to decode it into
-    (one per shape and dtype, reused as read_hu reuses its own); empty without imagecodecs."""
+    (one per shape and dtype, reused as read_hu reuses its own), for the files libjpeg-turbo decodes
+    (read_hu falls back to pydicom's decoders on the others); empty without imagecodecs."""
     try:
-        import imagecodecs  # noqa: F401
+        from imagecodecs import jpeg8_decode
     except ImportError:
         return {}
     buffers: dict[tuple[int, int, str], np.ndarray] = {}
@@ -237,8 +238,10 @@ def _jpeg_lossless_frames(paths: list[Path]) -> dict[Path, tuple[bytes, np.ndarr
                 continue
             key = (int(ds.Rows), int(ds.Columns), f"{'i' if ds.PixelRepresentation else 'u'}{ds.BitsAllocated // 8}")
             buffer = buffers.setdefault(key, np.empty(key[:2], key[2]))
-            frames[path] = (next(generate_frames(ds.PixelData, number_of_frames=1)), buffer)
-        except Exception:  # the check pass has already reported what cannot be read
+            frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+            jpeg8_decode(frame, out=buffer)
+            frames[path] = (frame, buffer)
+        except Exception:  # unreadable (the check pass reports it) or not for libjpeg-turbo: not timed
             continue
     return frames
 
