@@ -258,6 +258,7 @@ def test_ctrl_c_while_waiting_for_a_stalled_push_ends_the_wait_and_names_the_sha
 
     release = threading.Event()
     monkeypatch.setattr(hub, "plan_push", lambda checkpoint, *args: SimpleNamespace(checkpoint=checkpoint, shard=0))
+
     def stalled_upload(plan, repo_id, **kwargs):
         release.wait()
         return hub.PushResult(False, plan.checkpoint, repo_id, "main", 1, error="stalled")
