@@ -603,9 +603,9 @@ def save_shard(trainer: Trainer, directory: Path, row: dict, run: Run, calibrato
         "seed": run.args.seed,  # seeds the cross-fitted calibration folds; evaluate reuses it
         "baseline_prevalence": run.prevalence.tolist(),  # of the training studies; evaluate's baseline
     }
+    chunking.flush_folder_files(directory)  # the weights are on disk before the marker says "done"
     tmp = directory / (CHECKPOINT_META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
-    chunking.flush_folder_files(directory)  # the weights are on disk before the marker says "done"
     chunking.durable_replace(tmp, directory / CHECKPOINT_META)
     if not run.config.keep_trainer_checkpoints:
         shutil.rmtree(directory / "trainer", ignore_errors=True)
