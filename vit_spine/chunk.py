@@ -43,12 +43,11 @@ from tqdm.auto import tqdm
 
 from vit_spine import STUDY_TARGETS, VERTEBRAE
 from vit_spine.preprocess import PreprocessConfig, render_slice
+from vit_spine.shards import ARROW_FILE, SHARD_META, features_dict, record_batch, shard_schema, write_dataset_files
 
 FORMAT = 2  # 2: 'bone25d' shards store one channel per slice
 MANIFEST = "manifest.json"
 SLICE_TABLE = "slice_table.parquet"
-SHARD_META = "vit_spine_shard.json"
-ARROW_FILE = "data-00000-of-00001.arrow"  # the name `save_to_disk` gives a one-file dataset
 TMP_PREFIX = ".tmp-"
 LABEL_COLUMNS = (*(f"fracture_{v}" for v in VERTEBRAE), *(f"visible_{v}" for v in VERTEBRAE))
 STUDY_LABEL_COLUMNS = ("label_overall", *(f"label_{v}" for v in VERTEBRAE))
@@ -402,75 +401,28 @@ def plan_shards(
 
 
 def shard_features(image_size: int, channels: int = 3):
-    """The columns of a shard; `channels` stored per slice (1 for 'bone25d', 3 for 'windows')."""
+    """The shard's columns as `datasets.Features`, for writing a shard through `datasets` (tests, `bench train`)."""
     import datasets
 
-    return datasets.Features(
-        {
-            "pixel_values": datasets.Array3D((channels, image_size, image_size), "uint8"),
-            "labels": datasets.List(datasets.Value("float32"), length=len(LABEL_COLUMNS)),
-            "study_labels": datasets.List(datasets.Value("float32"), length=len(STUDY_LABEL_COLUMNS)),
-            "StudyInstanceUID": datasets.Value("string"),
-            "slice_number": datasets.Value("int32"),
-            "z": datasets.Value("float32"),
-        }
-    )
+    return datasets.Features.from_dict(features_dict(image_size, channels))
 
 
 def study_record_batch(pixels: np.ndarray, rows: pd.DataFrame, schema):
     """One study's slices as an Arrow record batch; the pixel column wraps `pixels` without copying."""
-    import pyarrow as pa
-
-    n, channels, height, width = pixels.shape
-
-    def offsets(count: int, step: int):
-        return pa.array(np.arange(0, count * step + 1, step, dtype=np.int32))
-
-    values = pa.py_buffer(pixels)  # zero-copy; written before the caller reuses the memory
-    flat = pa.Array.from_buffers(pa.uint8(), pixels.size, [None, values])
-    storage = pa.ListArray.from_arrays(
-        offsets(n, channels),
-        pa.ListArray.from_arrays(offsets(n * channels, height), pa.ListArray.from_arrays(offsets(n * channels * height, width), flat)),
-    )
-    pixel_type = schema.field("pixel_values").type
-
-    def fixed(columns: Sequence[str]):
-        matrix = np.ascontiguousarray(rows[list(columns)].to_numpy(np.float32))
-        return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), len(columns))
-
-    return pa.record_batch(
-        [
-            pa.ExtensionArray.from_storage(pixel_type, storage),
-            fixed(LABEL_COLUMNS),
-            fixed(STUDY_LABEL_COLUMNS),
-            pa.array(rows["StudyInstanceUID"].astype(str).tolist(), pa.string()),
-            pa.array(rows["slice_number"].to_numpy(np.int32)),
-            pa.array(rows["z"].to_numpy(np.float32)),
-        ],
-        schema=schema,
+    return record_batch(
+        pixels,
+        rows[list(LABEL_COLUMNS)].to_numpy(np.float32),
+        rows[list(STUDY_LABEL_COLUMNS)].to_numpy(np.float32),
+        rows["StudyInstanceUID"].astype(str).tolist(),
+        rows["slice_number"].to_numpy(np.int32),
+        rows["z"].to_numpy(np.float32),
+        schema,
     )
 
 
 def shard_fingerprint(plan: ShardPlan, preprocess: PreprocessConfig) -> str:
     blob = json.dumps({"format": FORMAT, "plan": plan.to_dict(), "preprocess": preprocess.to_dict()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def write_dataset_files(folder: Path, features, split: str, fingerprint: str) -> None:
-    """The two JSON files next to the Arrow file that make `datasets.load_from_disk` open the folder."""
-    import datasets
-
-    datasets.DatasetInfo(features=features).write_to_directory(str(folder), pretty_print=True)
-    state = {
-        "_data_files": [{"filename": ARROW_FILE}],
-        "_fingerprint": fingerprint,
-        "_format_columns": None,
-        "_format_kwargs": {},
-        "_format_type": None,
-        "_output_all_columns": False,
-        "_split": split,
-    }
-    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
 # ---------------------------------------------------------------- decoding (worker side)
@@ -624,8 +576,7 @@ def write_shard(
     if tmp.exists():  # left by a killed run
         shutil.rmtree(tmp)
     tmp.mkdir()
-    features = shard_features(preprocess.image_size, stored_channels(preprocess))
-    schema = features.arrow_schema
+    schema = shard_schema(preprocess.image_size, stored_channels(preprocess))
     num_slices, problems = 0, []
     with pa.OSFile(str(tmp / ARROW_FILE), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for uid in plan.studies:
@@ -641,7 +592,7 @@ def write_shard(
                 progress.update(len(study.ok))
             del study
     fingerprint = shard_fingerprint(plan, preprocess)
-    write_dataset_files(tmp, features, plan.split, fingerprint)
+    write_dataset_files(tmp, schema, plan.split, fingerprint)
     meta = {
         "path": plan.path,
         "split": plan.split,

@@ -25,8 +25,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-NUM_LABELS = 14  # fracture_C1..C7, visible_C1..C7
-NUM_STUDY_LABELS = 8  # patient_overall, C1..C7
+from vit_spine.shards import NUM_LABELS, NUM_STUDY_LABELS, SHARD_META, pixel_shape, read_table
 
 
 @dataclass
@@ -46,7 +45,7 @@ class AugmentConfig:
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    """One shard (a `datasets` folder written by `vit-spine chunk`) as a torch Dataset.
+    """One shard (a `datasets` folder written by `vit-spine chunk`, read with pyarrow alone) as a torch Dataset.
 
     Items: {"pixel_values": uint8 (3, S, S) as stored (with the neighbour channels added for a one-channel
     'bone25d' shard), "labels": float32 (14,) with NaN where a target is unknown}; `model_input` makes
@@ -56,19 +55,17 @@ class ShardDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, path: str | Path):
-        import datasets
-
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: no such shard folder")
-        dataset = datasets.load_from_disk(str(self.path))
-        table = dataset.data.table
+        # pyarrow alone (no `datasets`): the GPU machines may not have it
+        table = read_table(self.path)
         missing = {"pixel_values", "labels", "study_labels", "StudyInstanceUID", "slice_number", "z"} - set(
             table.column_names
         )
         if missing:
             raise ValueError(f"{self.path}: not a vit-spine shard, missing column(s) {sorted(missing)}")
-        shape = tuple(int(v) for v in dataset.features["pixel_values"].shape)
+        shape = pixel_shape(table.schema, self.path)
         self.image_size = shape[-1]
         self._pixel_chunks = [pixel_view(chunk, self.path, shape) for chunk in table.column("pixel_values").chunks]
         self._chunk_starts = np.cumsum([0] + [len(c) for c in self._pixel_chunks])
@@ -82,7 +79,7 @@ class ShardDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.path}: pixel_values has {stored} channels; expected 1 ('bone25d') or 3")
         # (below, above): rows of the slices that fill channels 0 and 2, for one-channel ('bone25d') shards
         self.neighbors = neighbor_rows(self.study_ids, read_neighbor_offset(self.path)) if stored == 1 else None
-        self._dataset = dataset  # keeps the memory map open for the views
+        self._table = table  # keeps the memory map open for the views
 
     def __getstate__(self) -> dict:
         # DataLoader workers started with spawn get the path and reopen the memory map, instead of
@@ -131,8 +128,6 @@ class ShardDataset(torch.utils.data.Dataset):
 
 def read_neighbor_offset(path: Path) -> int:
     """The neighbour distance a one-channel shard was written with (its `vit_spine_shard.json`)."""
-    from vit_spine.chunk import SHARD_META
-
     meta_path = path / SHARD_META
     try:
         offset = json.loads(meta_path.read_text())["neighbor_offset"]
