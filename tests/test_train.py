@@ -6,6 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -330,3 +331,120 @@ def test_uint8_batches_become_model_input_on_the_device_augmented_only_in_traini
     assert trained_on.shape == predicted_on.shape
     # training: augmented (compared order-free, since the training batch is shuffled)
     assert not torch.allclose(trained_on.sort(dim=0).values, predicted_on.sort(dim=0).values)
+
+
+def pretend_cuda(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+
+
+def test_gpu_defaults_pin_memory_copy_without_blocking_and_skip_the_per_step_nan_check(monkeypatch):
+    pretend_cuda(monkeypatch)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    values = train.training_defaults()
+    assert values["bf16"] is True and values["dataloader_num_workers"] == 8
+    assert values["dataloader_pin_memory"] is True and values["dataloader_persistent_workers"] is True
+    assert values["accelerator_config"] == {"non_blocking": True}
+    assert values["logging_nan_inf_filter"] is False
+    args = train.fit_loader_options(TrainingArguments(**{**values, "use_cpu": True, "bf16": False}))
+    assert args.dataloader_prefetch_factor == train.PREFETCH_BATCHES and args.dataloader_persistent_workers
+    assert args.accelerator_config.non_blocking is True
+
+
+def test_cpu_defaults_keep_the_nan_check_and_use_no_workers():
+    values = train.training_defaults()
+    assert values["dataloader_num_workers"] == 0 and values["dataloader_persistent_workers"] is False
+    assert values["logging_nan_inf_filter"] is True and values["accelerator_config"] == {"non_blocking": False}
+
+
+@pytest.mark.parametrize(
+    "extra, persistent, prefetch",
+    [([], True, 4), (["--dataloader_num_workers", "0"], False, None), (["--dataloader_prefetch_factor", "2"], True, 2)],
+)
+def test_worker_options_follow_the_worker_count_given_on_the_command_line(monkeypatch, tmp_path, extra, persistent, prefetch):
+    from vit_spine.cli import parse_config
+
+    pretend_cuda(monkeypatch)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    argv = ["--chunks", "c", "--output", str(tmp_path), "--use_cpu", "True", "--bf16", "False", *extra]
+    _, args = parse_config(train.TrainConfig, argv, prog="t", description="", extra_types=(TrainingArguments,),
+                           defaults=train.training_defaults())
+    args = train.fit_loader_options(args)
+    assert (args.dataloader_persistent_workers, args.dataloader_prefetch_factor) == (persistent, prefetch)
+
+
+def stop_step(stop: train.StopRequest, signal_step: int, steps: int, logging_every: int | None = None) -> int | None:
+    """The step at whose end `stop` ends training when the signal arrives during step `signal_step`."""
+    from transformers import TrainerControl
+
+    for step in range(1, steps + 1):
+        if step == signal_step:
+            stop.requested = True
+        control = TrainerControl(should_log=bool(logging_every) and step % logging_every == 0)
+        stop.on_step_end(SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(global_step=step), control)
+        if control.should_training_stop:
+            assert control.should_save
+            return step
+    return None
+
+
+def test_stop_request_reads_no_tensor_in_one_process(monkeypatch):
+    made = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real_tensor(*a, **k))
+    assert stop_step(train.StopRequest(), signal_step=3, steps=5) == 3  # the very step of the signal
+    assert made == []  # no device tensor, so no device sync per step
+
+
+def test_stop_request_under_ddp_all_reduces_only_on_log_and_check_steps(monkeypatch):
+    reduced_at: list[int] = []
+    current = {"step": 0}
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda flag, op=None: reduced_at.append(current["step"]))
+    stop = train.StopRequest(check_every=10)
+    real_on_step_end = stop.on_step_end
+
+    def tracked(args, state, control, **kwargs):
+        current["step"] = state.global_step
+        return real_on_step_end(args, state, control, **kwargs)
+
+    stop.on_step_end = tracked
+    assert stop_step(stop, signal_step=13, steps=30, logging_every=4) == 16  # the next log step
+    assert reduced_at == [4, 8, 10, 12, 16]  # log steps and every 10th, not every step
+
+
+def test_shard_trainer_copies_batches_without_blocking(toy_chunks, tmp_path, monkeypatch):
+    from vit_spine.data import ShardDataset
+    from vit_spine.model import create_model
+
+    dataset = ShardDataset(toy_chunks / "shard_00000")
+    trainer = train.ShardTrainer(model=create_model(model_config="tiny", image_size=SIZE),
+                                 args=make_args(output_dir=str(tmp_path)), train_dataset=dataset,
+                                 data_collator=train.collate, compute_loss_func=MaskedBCELoss())
+    calls = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(k) or real_to(self, *a, **k))
+    inputs = trainer._prepare_inputs(train.collate(dataset.__getitems__([0, 1, 2])))
+    assert inputs["pixel_values"].dtype == torch.float32 and inputs["labels"].shape == (3, 14)
+    assert [k.get("non_blocking") for k in calls[:2]] == [True, True]  # pixel_values and labels
+
+
+def test_torch_compile_trains_through_the_shard_trainer_like_eager(toy_chunks, tmp_path):
+    """torch_compile wraps the model; batches still become its input in _prepare_inputs. aot_eager compiles
+    the same graphs as inductor without a C++ build (inductor takes a minute on this CPU)."""
+    from vit_spine.data import AugmentConfig, ShardDataset
+    from vit_spine.model import create_model
+
+    dataset = ShardDataset(toy_chunks / "shard_00000")
+    losses, wrapped = [], []
+    for compiled in (False, True):
+        extra = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
+        trainer = train.ShardTrainer(
+            model=create_model(model_config="tiny", image_size=SIZE),
+            args=make_args(output_dir=str(tmp_path / str(compiled)), max_steps=3, dataloader_drop_last=True, **extra),
+            train_dataset=dataset, data_collator=train.collate, compute_loss_func=MaskedBCELoss(), augment=AugmentConfig(),
+        )
+        losses.append(trainer.train().training_loss)
+        wrapped.append(type(trainer.model_wrapped).__name__)
+    assert wrapped == ["ViTForImageClassification", "OptimizedModule"]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)

@@ -109,9 +109,13 @@ class TrainConfig:
                 raise ValueError("--positive-fraction and --replay-fraction cannot be combined")
 
 
+PREFETCH_BATCHES = 4  # batches each DataLoader worker keeps ready
+
+
 # Our defaults for TrainingArguments (the user may override any of them on the command line).
 def training_defaults() -> dict:
     on_gpu = torch.cuda.is_available()
+    workers = min(8, (os.cpu_count() or 2) // 2) if on_gpu else 0
     return dict(
         output_dir="unused",  # replaced per shard by OUTPUT/shard_XXXXX/trainer
         per_device_train_batch_size=32,
@@ -128,8 +132,30 @@ def training_defaults() -> dict:
         report_to="none",
         remove_unused_columns=False,
         bf16=bool(on_gpu and torch.cuda.is_bf16_supported()),
-        dataloader_num_workers=min(8, (os.cpu_count() or 2) // 2) if on_gpu else 0,
+        dataloader_num_workers=workers,
+        # On a GPU the step must never wait for the host: batches in pinned memory, copied to the device
+        # without blocking (accelerate's loader does the copy), workers kept from one epoch to the next.
+        dataloader_pin_memory=on_gpu,
+        dataloader_persistent_workers=workers > 0,
+        accelerator_config={"non_blocking": on_gpu},
+        # The Trainer's NaN/inf filter turns each step's loss into a Python bool: a host sync per step on
+        # a GPU. Without it a NaN loss shows as NaN in the logs instead of being skipped.
+        logging_nan_inf_filter=not on_gpu,
     )
+
+
+def fit_loader_options(args: TrainingArguments) -> TrainingArguments:
+    """Worker options that depend on the worker count, which the command line may have changed.
+
+    Persistent workers and a prefetch depth only exist with worker processes (TrainingArguments refuses a
+    prefetch factor at 0 workers, the DataLoader refuses persistent workers), so they are set here, after
+    parsing, rather than as defaults. A prefetch factor given on the command line is kept.
+    """
+    if args.dataloader_num_workers == 0:
+        args.dataloader_persistent_workers = False
+    elif args.dataloader_prefetch_factor is None:
+        args.dataloader_prefetch_factor = PREFETCH_BATCHES
+    return args
 
 
 def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
@@ -170,6 +196,14 @@ class ShardTrainer(Trainer):
         self.positive_fraction = positive_fraction
         self.augment = augment
         super().__init__(*args, **kwargs)
+
+    def _prepare_input(self, data):
+        # A batch in pinned memory can travel to the GPU while the host goes on queueing the step (the
+        # Trainer's own copy blocks). Accelerate's loader has usually moved the batch already
+        # (`non_blocking` in training_defaults); this covers batches it did not move.
+        if isinstance(data, torch.Tensor) and not self.is_deepspeed_enabled:
+            return data.to(self.args.device, non_blocking=True)
+        return super()._prepare_input(data)
 
     def _prepare_inputs(self, inputs: dict) -> dict:
         inputs = super()._prepare_inputs(inputs)
@@ -267,14 +301,18 @@ def point_best(output: Path, index: int) -> None:
 
 
 class StopRequest(TrainerCallback):
-    """Turns SIGTERM / Ctrl-C into "save a checkpoint and stop" at the end of the current step.
+    """Turns SIGTERM / Ctrl-C into "save a checkpoint and stop" at the end of a step.
 
-    Every process must stop at the same step under DDP, so the flag is all-reduced each step.
-    A second Ctrl-C interrupts at once.
+    One process reads its own flag at every step: no tensor, no device sync. Under DDP every process
+    must stop at the same step, so the processes agree on the flag with an all-reduce, and reading its
+    result waits for the GPU to finish the step. That is done only at the steps the Trainer logs (it
+    waits for the GPU there anyway, to read the loss) and every `check_every` steps, so under DDP the
+    stop comes up to `check_every` steps after the signal. A second Ctrl-C interrupts at once.
     """
 
-    def __init__(self):
+    def __init__(self, check_every: int = 10):
         self.requested = False
+        self.check_every = check_every
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -292,14 +330,19 @@ class StopRequest(TrainerCallback):
         self.requested = True
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint and stopping after this step", flush=True)
 
-    def agreed(self, device) -> bool:
-        flag = torch.tensor(int(self.requested), device=device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    def agreed(self, args, state, control) -> bool:
+        """Whether every process has been asked to stop (see the class docstring for when they compare)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self.requested
+        # DefaultFlowCallback has already decided whether this step logs; every process decides alike
+        if not (control.should_log or state.global_step % self.check_every == 0):
+            return False
+        flag = torch.tensor(int(self.requested), device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.agreed(args.device):
+        if self.agreed(args, state, control):
             self.requested = True
             control.should_save = True
             control.should_training_stop = True
@@ -631,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_types=(PoolingConfig, AugmentConfig, TrainingArguments),
         defaults=training_defaults(),
     )
-    result = run_training(config, pooling, args, augment=augment)
+    result = run_training(config, pooling, fit_loader_options(args), augment=augment)
     if PartialState().is_main_process:
         print()
         print(format_table(result.rows))
