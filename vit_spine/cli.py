@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("vit_spine.predict", "predict new studies and write a Kaggle submission"),
     "push": ("vit_spine.hub", "push a checkpoint to the Hugging Face Hub"),
     "report": ("vit_spine.report", "plots and an index.html for a training run"),
-    "bench": ("vit_spine.benchmarks", "benchmarks: decode, loader, chunk, train, predict"),
+    "bench": ("vit_spine.benchmarks", "benchmarks: decode, loader, chunk, train, predict, gpu"),
     "demo": ("vit_spine.demo", "the whole pipeline on synthetic data, in a few minutes on CPU"),
 }
 

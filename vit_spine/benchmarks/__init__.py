@@ -17,6 +17,7 @@ BENCHMARKS = {
     "chunk": "end-to-end chunking slices/s vs bare decoding, and peak RSS",
     "train": "Trainer img/s vs a plain PyTorch loop on the same model and data",
     "predict": "studies/s and slices/s end to end, and the share of time spent decoding",
+    "gpu": "ViT training img/s, MFU and data wait through the whole path vs the model alone; predict slices/s",
 }
 
 
