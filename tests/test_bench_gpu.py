@@ -15,6 +15,7 @@ import sys
 import pytest
 from transformers import ViTConfig
 
+from vit_spine import cli
 from vit_spine.benchmarks import gpu
 from vit_spine.model import MODEL_CONFIGS
 
@@ -50,6 +51,11 @@ def test_vit_b16_forward_flops_are_the_quoted_17_6_g_multiply_adds():
     # 1000 training img/s on a 790 TFLOP/s device: 1000 x 3 x 35.13 GFLOP / 790 TFLOP/s
     assert gpu.mfu(1000.0, flops, 790.0) == pytest.approx(0.13339, abs=1e-5)
     assert gpu.mfu(1000.0, flops, None) is None
+
+
+def test_bench_lists_gpu(capsys):
+    assert cli.main(["bench"]) == 0
+    assert "  gpu      ViT training img/s, MFU and data wait" in capsys.readouterr().out
 
 
 def test_options_are_checked():

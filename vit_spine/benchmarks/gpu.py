@@ -122,7 +122,7 @@ def cpu_defaults() -> dict:
     """Defaults without CUDA: a tiny model that runs the same code on the CPU in about a minute.
     (inductor builds C++ for a minute per model on a small CPU; aot_eager traces the same graphs.)"""
     return dict(model_config="tiny", image_size=64, num_slices=2048, slices_per_study=64, batch_sizes="16,32,64",
-                warmup_steps=2, steps=10, compile_backend="aot_eager", predict_batch_sizes="64", predict_slices=512)
+                warmup_steps=3, steps=30, compile_backend="aot_eager", predict_batch_sizes="64", predict_slices=512)
 
 
 def parse_sizes(text: str, option: str) -> list[int]:
