@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from vit_spine.phantom import (
+    CORONAL,
+    SeriesSpec,
+    WrittenSeries,
+    reformat,
+    write_dose_screen,
+    write_localizer,
+    write_series,
+    write_structured_report,
+)
 from vit_spine.synth import SynthConfig, synthesize
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,3 +73,71 @@ def disk_events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(os, "replace", replace)
     return events
+
+
+EXPORT_STUDY_UID = "1.2.826.0.1.3680043.10.{}"
+
+
+@dataclass
+class ExportStudy:
+    """One study folder written the way a scanner or PACS exports it, with what assembly must make of it."""
+
+    uid: str
+    folder: Path
+    volume: WrittenSeries | None  # the series the assembly must choose (None: no usable volume)
+    left_out: dict[str, int]  # reason -> count of files/frames it must leave out
+
+
+@pytest.fixture(scope="session")
+def export_studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ExportStudy]:
+    """A folder of study folders in the layouts real exports use (built with vit_spine.phantom):
+
+    - nested: PATIENT/STUDY/SERIES/IM0001 files without extension, plus a coronal localizer, a dose
+      screen, a dose SR and a notes.txt;
+    - uid_named: SOP-UID file names, a 1 mm bone series, a 3 mm soft-kernel series and a coronal reformat;
+    - enhanced: one Enhanced CT file, frames written head first (against the position order);
+    - no_preamble: files without the 128-byte preamble, named by UID without extension, padding 63536;
+    - no_positions: no ImagePositionPatient, InstanceNumber descending along the stack;
+    - hopeless: only a localizer and a dose screen (no axial CT at all).
+    Treat it as read-only: other tests share it.
+    """
+    root = tmp_path_factory.mktemp("exports") / "studies"
+    studies: dict[str, ExportStudy] = {}
+
+    def add(name: str, index: int) -> tuple[str, Path]:
+        uid = EXPORT_STUDY_UID.format(index)
+        return uid, root / uid
+
+    uid, folder = add("nested", 1)
+    series = folder / "PATIENT01" / "STUDY01"
+    volume = write_series(series / "SERIES02", SeriesSpec(num_slices=12, naming="IM", series_number=2), uid)
+    write_localizer(series, uid, name="SERIES01")
+    write_dose_screen(series / "SERIES99", uid)
+    write_structured_report(series / "SERIES98", uid)
+    (folder / "notes.txt").write_text("exported by PACS\n")
+    studies["nested"] = ExportStudy(uid, folder, volume, {"localizer": 1, "secondary_capture": 1, "non_image": 1, "not_dicom": 1})
+
+    uid, folder = add("uid_named", 2)
+    thin = write_series(folder, SeriesSpec(num_slices=24, spacing=1.0, naming="uid", series_number=3), uid)
+    write_series(folder, SeriesSpec(num_slices=8, spacing=3.0, kernel="STANDARD", naming="uid", series_number=4), uid)
+    write_series(folder, reformat(SeriesSpec(num_slices=10), CORONAL, 5, naming="uid"), uid)
+    studies["uid_named"] = ExportStudy(uid, folder, thin, {"other_series": 8, "not_axial": 10})
+
+    uid, folder = add("enhanced", 3)
+    spec = SeriesSpec(num_slices=10, spacing=2.0, enhanced=True, orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+                      first_position=(-63.0, -63.0, 20.0), drift=(0.0, 0.0, -4.0))  # z falls by 2 mm a frame
+    studies["enhanced"] = ExportStudy(uid, folder, write_series(folder / "EN", spec, uid), {})
+
+    uid, folder = add("no_preamble", 4)
+    spec = SeriesSpec(num_slices=10, preamble=False, naming="uid_noext", signed=False, intercept=-1024.0, padding=63536)
+    studies["no_preamble"] = ExportStudy(uid, folder, write_series(folder, spec, uid), {})
+
+    uid, folder = add("no_positions", 5)
+    spec = SeriesSpec(num_slices=10, positions=False, instance_numbers="descending", naming="uid")
+    studies["no_positions"] = ExportStudy(uid, folder, write_series(folder, spec, uid), {})
+
+    uid, folder = add("hopeless", 6)
+    write_localizer(folder, uid)
+    write_dose_screen(folder / "DOSE", uid)
+    studies["hopeless"] = ExportStudy(uid, folder, None, {"localizer": 1, "secondary_capture": 1})
+    return studies

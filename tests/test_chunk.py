@@ -278,6 +278,34 @@ def test_stored_pixels_equal_an_independent_window_and_resize_of_read_hu(dataset
             assert np.array_equal(stored[2], shard.read_uint8([after])[0, 1])
 
 
+def test_pixel_spacing_resamples_every_slice_and_is_stored_with_the_preprocessing(dataset, tmp_path):
+    """--pixel_spacing P: each slice's centred image_size x P mm, whatever its own spacing (synth varies it per study)."""
+    spacing = 2.5  # 160 mm: more than some studies' field of view (padded), less than others' (cropped)
+    preprocess = PreprocessConfig(image_size=SIZE, pixel_spacing=spacing)
+    manifest = chunk(config_for(dataset, tmp_path / "chunks"), preprocess)
+    assert manifest["preprocess"]["pixel_spacing"] == spacing
+    table = dataset["table"].set_index(["StudyInstanceUID", "slice_number"])
+    low, high = 400 - 1800 / 2, 400 + 1800 / 2
+    seen_spacings = set()
+    shard = ShardDataset(tmp_path / "chunks" / train_shards(manifest)[0]["path"])
+    for index in range(0, len(shard), 17):
+        row = table.loc[(shard.study_ids[index], int(shard.slice_numbers[index]))]
+        hu = read_hu(row["path"])
+        side = round(SIZE * spacing / row["pixel_spacing"])  # the slice's pixels in SIZE * spacing mm
+        if side <= len(hu):  # a centred part of the slice
+            start = (len(hu) - side) // 2
+            window = hu[start:start + side, start:start + side]
+        else:  # the slice, padded with air around it
+            window = np.full((side, side), -1000.0, np.float32)
+            start = (side - len(hu)) // 2
+            window[start:start + len(hu), start:start + len(hu)] = hu
+        resized = np.asarray(Image.fromarray(np.ascontiguousarray(window), "F").resize((SIZE, SIZE), Image.BILINEAR))
+        expected = np.round(np.clip((resized - low) / (high - low), 0, 1) * 255)
+        assert np.abs(shard.read_uint8([index])[0, 1].astype(int) - expected).max() <= 1
+        seen_spacings.add(round(row["pixel_spacing"], 3))
+    assert len(seen_spacings) > 1  # studies of different pixel spacings, all brought to 2 mm
+
+
 def test_each_shard_opens_with_datasets_load_from_disk(reference):
     out, manifest = reference
     entry = manifest["shards"][0]

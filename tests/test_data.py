@@ -150,6 +150,7 @@ def test_reads_a_shard_written_by_the_chunker_one_batch_per_study(channels, tmp_
                 "StudyInstanceUID": uid,
                 "slice_number": np.arange(n),
                 "z": np.arange(n, dtype=float),
+                "position": np.arange(n, dtype=float),
                 "path": [f"/{uid}/{i}.dcm" for i in range(n)],
                 **{c: rng.integers(0, 2, n).astype(float) for c in (*LABEL_COLUMNS, *STUDY_LABEL_COLUMNS)},
             }

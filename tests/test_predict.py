@@ -18,6 +18,7 @@ from vit_spine.predict import EPS, main, predict_studies
 from vit_spine.preprocess import PreprocessConfig
 
 IMAGE_SIZE = 64
+PRIOR = [0.48, 0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.2]  # the training prevalence a checkpoint stores
 
 
 def write_checkpoint(folder: Path, calibration: dict | None, preprocess: PreprocessConfig | None = None) -> Path:
@@ -30,6 +31,7 @@ def write_checkpoint(folder: Path, calibration: dict | None, preprocess: Preproc
         "pooling": asdict(PoolingConfig()),
         "calibration": calibration,
         "metrics": {},
+        "baseline_prevalence": PRIOR,
     }
     (folder / CHECKPOINT_META).write_text(json.dumps(meta))
     return folder
@@ -103,7 +105,7 @@ def test_without_studies_csv_every_study_gets_eight_rows_in_target_order(folder_
     assert set(submission["row_id"]) == set(pd.read_csv(synth_data / "sample_submission.csv")["row_id"])
     values = submission["fractured"].to_numpy()
     assert np.isfinite(values).all() and (values > 0).all() and (values < 1).all()
-    assert folder_predictions.problems == []
+    assert folder_predictions.problems.empty and folder_predictions.fallbacks == []
 
 
 def test_a_study_alone_or_in_a_folder_gets_identical_predictions(run_dir, test_images, folder_predictions):
@@ -147,26 +149,36 @@ def test_slices_out_writes_csv_or_parquet(run_dir, test_images, tmp_path, suffix
 
 
 def test_a_corrupt_slice_is_reported_and_the_study_still_predicted(run_dir, test_images, tmp_path, capsys, folder_predictions):
+    import pydicom
+
     uid = sorted(p.name for p in test_images.iterdir())[0]
     study = tmp_path / "images" / uid
     shutil.copytree(test_images / uid, study)
-    corrupt = study / "999.dcm"
-    corrupt.write_bytes(np.random.default_rng(0).bytes(5000))
+    junk = study / "999.dcm"
+    junk.write_bytes(np.random.default_rng(0).bytes(5000))  # not DICOM at all: left out
+    ds = pydicom.dcmread(study / "1.dcm")  # a slice of its own position whose pixel data is cut short
+    ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 500]
+    ds.SOPInstanceUID = ds.SOPInstanceUID + ".9"
+    ds.save_as(study / "cut.dcm", enforce_file_format=True)
+    cut = study / "cut.dcm"
+    cut.write_bytes(cut.read_bytes()[:-2000])
     out = tmp_path / "submission.csv"
     assert main([str(run_dir), str(tmp_path / "images"), "--out", str(out), "--no-progress"]) == 0
     stderr = capsys.readouterr().err
-    assert str(corrupt) in stderr and "1 file(s)/folder(s) skipped" in stderr
+    assert f"skipped slice {cut}" in stderr and "1 slice(s) could not be decoded" in stderr
+    assert "1 file(s)/frame(s) left out by the study assembly (not_dicom 1)" in stderr
     submission = pd.read_csv(out)
     assert submission["row_id"].tolist() == [f"{uid}_{t}" for t in STUDY_TARGETS]
-    # the bad file is skipped, not rendered: the study scores as without it
+    # the bad files are skipped, not rendered: the study scores as without them
     expected = folder_predictions.submission.set_index("row_id").loc[submission["row_id"], "fractured"].to_numpy()
     np.testing.assert_array_equal(submission["fractured"].to_numpy(), expected)
-    result = predict_studies(run_dir, [study], progress=False, on_problem=lambda path, reason: None)
-    assert [path for path, _ in result.problems] == [str(corrupt)]
-    assert result.problems[0][1]  # a reason is given
+    problems = pd.read_csv(tmp_path / "submission.problems.csv", keep_default_na=False)
+    assert list(problems.columns) == ["StudyInstanceUID", "level", "path", "frame", "reason"]
+    assert problems[["level", "path"]].values.tolist() == [["slice", str(cut)], ["left_out", str(junk)]]
+    assert problems["reason"].str.len().min() > 10  # each says why
 
 
-def test_a_listed_study_without_images_is_a_clear_error(run_dir, synth_data, tmp_path, capsys):
+def test_a_listed_study_without_images_gets_the_prior_and_strict_refuses(run_dir, synth_data, tmp_path, capsys):
     table = pd.read_csv(synth_data / "test.csv")
     unknown = "1.2.826.0.1.3680043.99999"
     extra = pd.DataFrame(
@@ -175,9 +187,43 @@ def test_a_listed_study_without_images_is_a_clear_error(run_dir, synth_data, tmp
     pd.concat([table, extra]).to_csv(tmp_path / "test.csv", index=False)
     out = tmp_path / "submission.csv"
     args = [str(run_dir), str(synth_data / "test_images"), "--out", str(out), "--studies", str(tmp_path / "test.csv")]
-    assert main([*args, "--no-progress"]) == 1
-    assert unknown in capsys.readouterr().err
-    assert not out.exists()
+    assert main([*args, "--no-progress"]) == 3  # complete, with fallbacks
+    assert f"{unknown}: listed in --studies, but no folder" in capsys.readouterr().err
+    submission = pd.read_csv(out).set_index("row_id")["fractured"]
+    assert len(submission) == len(table) + 8
+    np.testing.assert_allclose(submission.loc[extra["row_id"]].to_numpy(), PRIOR)
+    problems = pd.read_csv(tmp_path / "submission.problems.csv", keep_default_na=False)
+    assert problems[problems["level"] == "study"]["StudyInstanceUID"].tolist() == [unknown]
+    out.unlink()
+    assert main([*args, "--no-progress", "--strict"]) == 1
+    assert "--strict: 1 study(ies) could not be predicted; no submission written" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / "submission.problems.csv").exists()
+
+
+def test_every_export_layout_is_predicted_and_a_hopeless_study_gets_the_prior(run_dir, export_studies, tmp_path, capsys):
+    """A folder of studies as PACS exports write them: nested trees, extension-less and UID-named files,
+    Enhanced CT, no preamble, no positions; and one study with no axial CT at all. Every study gets its rows."""
+    root = next(iter(export_studies.values())).folder.parent
+    out = tmp_path / "submission.csv"
+    assert main([str(run_dir), str(root), "--out", str(out), "--slices-out", str(tmp_path / "slices.csv"), "--no-progress"]) == 3
+    stderr = capsys.readouterr().err
+    hopeless = export_studies["hopeless"].uid
+    assert "1 study(ies) got the checkpoint's prior instead of a prediction" in stderr and hopeless in stderr
+    submission = pd.read_csv(out).set_index("row_id")["fractured"]
+    uids = sorted(s.uid for s in export_studies.values())
+    assert submission.index.tolist() == [f"{uid}_{t}" for uid in uids for t in STUDY_TARGETS]
+    np.testing.assert_allclose(submission.loc[[f"{hopeless}_{t}" for t in STUDY_TARGETS]].to_numpy(), PRIOR)
+    slices = pd.read_csv(tmp_path / "slices.csv")
+    for name, study in export_studies.items():
+        if study.volume is not None:  # predicted from exactly its volume's slices
+            assert (slices["StudyInstanceUID"] == study.uid).sum() == study.volume.spec.num_slices, name
+    problems = pd.read_csv(tmp_path / "submission.problems.csv", keep_default_na=False)
+    fallback = problems[problems["level"] == "study"]
+    assert fallback["StudyInstanceUID"].tolist() == [hopeless]
+    assert "no usable axial CT slice among 2 file(s): 1 localizer, 1 secondary_capture" in fallback["reason"].iloc[0]
+    left_out = problems[problems["level"] == "left_out"]
+    expected = sum(sum(s.left_out.values()) for s in export_studies.values())
+    assert len(left_out) == expected and (problems["level"] != "slice").all()
 
 
 def test_bad_paths_and_mismatched_checkpoints_are_clear_errors(run_dir, synth_data, tmp_path):
@@ -200,22 +246,26 @@ def test_decoding_in_worker_processes_gives_the_same_predictions(run_dir, test_i
     assert result.decode_seconds > 0 and result.num_slices == folder_predictions.num_slices
 
 
-def test_predict_preprocesses_with_the_checkpoints_crop(synth_data, tmp_path):
-    """The crop chunk used (stored in vit_spine.json) is applied to new studies too."""
+@pytest.mark.parametrize("stored", [PreprocessConfig(image_size=IMAGE_SIZE, crop=0.6),
+                                    PreprocessConfig(image_size=IMAGE_SIZE, pixel_spacing=2.5)], ids=["crop", "pixel_spacing"])
+def test_predict_preprocesses_with_the_checkpoints_crop_or_pixel_spacing(stored, synth_data, tmp_path):
+    """The crop or pixel spacing chunk used (stored in vit_spine.json) is applied to new studies too."""
     import torch
 
     from vit_spine.data import normalize
-    from vit_spine.dicom import read_study
+    from vit_spine.dicom import read_hu
     from vit_spine.model import load_model
     from vit_spine.preprocess import preprocess_study
+    from vit_spine.study import assemble_folder
 
     folder = sorted((synth_data / "test_images").iterdir())[0]
-    cropped = PreprocessConfig(image_size=IMAGE_SIZE, crop=0.6)
-    checkpoint = write_checkpoint(tmp_path / "cropped", calibration=None, preprocess=cropped)
+    checkpoint = write_checkpoint(tmp_path / "stored", calibration=None, preprocess=stored)
     whole = write_checkpoint(tmp_path / "whole", calibration=None)
     got = predict_studies(checkpoint, [folder], progress=False).slices[list(LABEL_NAMES)].to_numpy()
 
-    pixels = preprocess_study([hu for _, hu in read_study(folder).slices], cropped)
+    headers = assemble_folder(folder).slices
+    spacings = [(h.pixel_spacing, h.pixel_spacing_column) for h in headers]
+    pixels = preprocess_study([read_hu(h.path) for h in headers], stored, spacings)
     with torch.no_grad():
         logits = load_model(checkpoint)(pixel_values=normalize(torch.from_numpy(pixels))).logits
     np.testing.assert_allclose(got, torch.sigmoid(logits).numpy(), atol=1e-5)

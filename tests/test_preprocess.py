@@ -5,7 +5,8 @@ from PIL import Image
 from vit_spine.preprocess import (
     PreprocessConfig,
     apply_window,
-    center_crop,
+    centered,
+    field_of_view,
     preprocess_study,
     render_slice,
     resize_hu,
@@ -87,18 +88,65 @@ def test_empty_study_gives_an_empty_array():
 
 
 def test_crop_keeps_the_centred_square_before_resizing():
-    hu = random_hu(np.random.default_rng(3), 100, 120)
-    window = center_crop(hu, 0.6)
-    assert window.shape == (60, 72) and np.shares_memory(window, hu)
-    np.testing.assert_array_equal(window, hu[20:80, 24:96])
-    assert center_crop(hu, 1.0) is hu
+    hu = random_hu(np.random.default_rng(3), 120, 120)
+    window = centered(hu, *field_of_view(hu.shape, PreprocessConfig(crop=0.6)))
+    assert window.shape == (72, 72) and np.shares_memory(window, hu)
+    np.testing.assert_array_equal(window, hu[24:96, 24:96])
     config = PreprocessConfig(image_size=32, crop=0.6)
-    expected = apply_window(pil_resize(hu[20:80, 24:96], 32), 400, 1800)
+    expected = apply_window(pil_resize(hu[24:96, 24:96], 32), 400, 1800)
     assert np.abs(render_slice(hu, config)[0].astype(int) - expected).max() <= 1
     assert not np.array_equal(render_slice(hu, config), render_slice(hu, PreprocessConfig(image_size=32)))
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="--crop"):
             PreprocessConfig(crop=bad)
+
+
+def test_a_non_square_slice_is_padded_with_air_never_stretched():
+    """512 x 640 must not become a square by squeezing its columns: the rows are padded with air instead."""
+    hu = random_hu(np.random.default_rng(4), 80, 100)
+    padded = centered(hu, *field_of_view(hu.shape, PreprocessConfig()))
+    assert padded.shape == (100, 100)
+    np.testing.assert_array_equal(padded[10:90], hu)
+    assert (padded[:10] == -1000).all() and (padded[90:] == -1000).all()
+    config = PreprocessConfig(image_size=50)
+    expected = apply_window(pil_resize(padded, 50), 400, 1800)
+    assert np.abs(render_slice(hu, config)[0].astype(int) - expected).max() <= 1
+    # a circle stays a circle: its rendered extent is the same along rows and columns
+    yy, xx = np.ogrid[:80, :100]
+    disc = np.where((yy - 39.5) ** 2 + (xx - 49.5) ** 2 <= 30**2, 1000.0, -1000.0).astype(np.float32)
+    bright = render_slice(disc, config)[0] > 200
+    rows, cols = np.nonzero(bright.any(axis=1))[0], np.nonzero(bright.any(axis=0))[0]
+    assert len(rows) == len(cols) and abs(len(rows) - 30) <= 2  # 60 px wide at half scale, along both axes
+    # and the crop is a square of the longer side too
+    assert field_of_view((512, 640), PreprocessConfig(crop=0.5)) == (320, 320)
+
+
+def test_pixel_spacing_resamples_a_fine_and_a_coarse_study_to_the_same_image(tmp_path):
+    """The same phantom reconstructed at 0.3 mm (400 px, 120 mm across) and at 1.2 mm (200 px, 240 mm across),
+    both centred on the neck: with --pixel_spacing both reach the model at the same scale; without it the
+    0.3 mm study shows its anatomy twice as large."""
+    from vit_spine.phantom import SeriesSpec, slice_hu
+
+    fine = slice_hu(SeriesSpec(rows=400, columns=400, pixel_spacing=0.3), np.array([-59.85, -59.85, 0.0]))
+    coarse = slice_hu(SeriesSpec(rows=200, columns=200, pixel_spacing=1.2), np.array([-119.4, -119.4, 0.0]))
+    config = PreprocessConfig(image_size=64, pixel_spacing=1.5)  # 96 mm field of view
+    a = render_slice(fine, config, (0.3, 0.3))[0].astype(int)
+    b = render_slice(coarse, config, (1.2, 1.2))[0].astype(int)
+    assert field_of_view(fine.shape, config, (0.3, 0.3)) == (320, 320)
+    assert field_of_view(coarse.shape, config, (1.2, 1.2)) == (80, 80)
+    difference = np.abs(a - b)
+    assert difference.mean() < 1.5 and np.percentile(difference, 95) <= 8  # bone edges differ by blur only
+    scaled = PreprocessConfig(image_size=64)
+    unscaled = np.abs(render_slice(fine, scaled)[0].astype(int) - render_slice(coarse, scaled)[0].astype(int))
+    assert unscaled.mean() > 20 * difference.mean()
+    # anisotropic pixels: each axis is resampled by its own spacing
+    assert field_of_view((100, 100), config, (1.2, 0.6)) == (80, 160)
+    with pytest.raises(ValueError, match="needs the slice's PixelSpacing"):
+        render_slice(fine, config, None)
+    with pytest.raises(ValueError, match="--crop or --pixel_spacing"):
+        PreprocessConfig(crop=0.5, pixel_spacing=0.5)
+    with pytest.raises(ValueError, match="--pixel_spacing must be a positive"):
+        PreprocessConfig(pixel_spacing=0)
 
 
 def test_config_round_trips_and_rejects_bad_values():

@@ -100,13 +100,14 @@ def write_segmentation(path: Path, labels_per_slice: list[list[int]], size: int 
 
 
 def design_rule_visibility(seg: np.ndarray, z_decreases: bool) -> np.ndarray:
-    """DESIGN.md's rule, written out literally: (slice, row, col) mask with slices sorted by slice_number."""
+    """The public RSNA 2022 rule, written out literally: (slice, row, col) mask with slices sorted by slice_number."""
     mask = seg[:, ::-1, ::-1].transpose(2, 1, 0) if z_decreases else seg[:, ::-1].transpose(2, 1, 0)
     return np.array([[float((m == v).any()) for v in range(1, 8)] for m in mask])
 
 
 def study_rows(slice_numbers: list[int], z: list[float]) -> pd.DataFrame:
-    return pd.DataFrame({"slice_number": slice_numbers, "z": z})
+    """Rows of a volume as segmentation matching sees them (position along the normal = z for axial slices)."""
+    return pd.DataFrame({"slice_number": slice_numbers, "position": z})
 
 
 @pytest.mark.parametrize("z_decreases", [False, True])
@@ -132,7 +133,7 @@ def test_segmentation_with_gaps_in_slice_numbers_and_a_bad_file_name(tmp_path):
 
 def test_segmentation_slice_count_mismatch_raises(tmp_path):
     write_segmentation(tmp_path / "s.nii", [[1], [2], [3]])
-    with pytest.raises(SegmentationMismatch, match="has 3 slices but the study has 4") as info:
+    with pytest.raises(SegmentationMismatch, match="has 3 slices but the study's volume has 4 numbered slices") as info:
         segmentation_visibility(tmp_path / "s.nii", study_rows([1, 2, 3, 4], [1.0, 2.0, 3.0, 4.0]))
     assert info.value.kind == "segmentation_mismatch"
 
@@ -175,6 +176,7 @@ class Damaged:
     truncated: Path
     duplicate_study: str
     duplicates: tuple[Path, Path]
+    stray_study: str  # a segmented study that also holds a notes.txt and a junk 9999.dcm
     vertebrae_table: Path
 
 
@@ -207,6 +209,10 @@ def damaged(synth_data: Path, tmp_path_factory) -> Damaged:
     original = root / "train_images" / duplicate_study / "3.dcm"
     duplicate = original.with_name("003.dcm")
     shutil.copy(original, duplicate)
+    # files that are not DICOM in a segmented study: they must not cost it its segmentation
+    stray_study = segmented[1]
+    (root / "train_images" / stray_study / "notes.txt").write_text("exported with notes\n")
+    (root / "train_images" / stray_study / "9999.dcm").write_bytes(np.random.default_rng(1).bytes(2000))
     # a labelled study without images, images without labels, a segmentation without images
     shutil.copy(root / "segmentations" / f"{segmented[0]}.nii", root / "segmentations" / f"{MISSING_UID}.nii")
     with open(root / "train.csv", "a") as f:
@@ -220,7 +226,8 @@ def damaged(synth_data: Path, tmp_path_factory) -> Damaged:
     return Damaged(
         root=root, truth=truth, labels=labels, boxed=boxed, segmented=set(segmented) - {wrong},
         wrong_segmentation=wrong, extra_files_study=plain[0], corrupt=corrupt, truncated=truncated,
-        duplicate_study=duplicate_study, duplicates=(original, duplicate), vertebrae_table=root / "vertebrae.csv",
+        duplicate_study=duplicate_study, duplicates=(original, duplicate), stray_study=stray_study,
+        vertebrae_table=root / "vertebrae.csv",
     )
 
 
@@ -249,31 +256,41 @@ def without_table(damaged: Damaged) -> Scanned:
 
 
 def with_truth(scanned: Scanned, damaged: Damaged) -> pd.DataFrame:
-    """Scanned rows of the generator's slices, with the truth alongside (columns suffixed _gt)."""
-    return scanned.df.merge(damaged.truth, on=["StudyInstanceUID", "slice_number"], suffixes=("", "_gt"))
+    """Scanned rows of the studies' volumes, with the generator's truth alongside (columns suffixed _gt)."""
+    volume = scanned.df[scanned.df["slice_index"] >= 0]
+    return volume.merge(damaged.truth, on=["StudyInstanceUID", "slice_number"], suffixes=("", "_gt"))
 
 
 def issues_of(scanned: Scanned, kind: str) -> set[str]:
     return {i["study"] for i in scanned.metadata["report"]["issues"] if i["kind"] == kind}
 
 
-def test_cli_writes_one_row_per_file_with_the_contract_columns(with_table, damaged):
+def test_cli_writes_one_row_per_dicom_file_with_the_contract_columns(with_table, damaged):
     df = with_table.df
     assert list(df.columns) == list(COLUMNS)
+    # every DICOM file has a row; files that are not DICOM (random bytes, notes) have none
     files = sorted(str(p.resolve()) for p in damaged.root.glob("*_images/*/*.dcm"))
-    assert sorted(df["path"]) == files
-    assert df["slice_number"].dtype == "int64" and df["z"].dtype == "float64"
+    not_dicom = {str(damaged.corrupt.resolve()), str((damaged.root / "train_images" / damaged.stray_study / "9999.dcm").resolve())}
+    assert sorted(df["path"]) == sorted(set(files) - not_dicom)
+    assert df["slice_number"].dtype == "int64" and df["z"].dtype == "float64" and df["slice_index"].dtype == "int64"
+    assert (df["frame"] == 0).all()  # the synthetic studies are single-frame
     assert all(df[c].dtype == "float64" for c in (*VISIBLE_COLUMNS, *FRACTURE_COLUMNS, "label_overall", "fold"))
     assert set(df["image_set"]) == {"train", "test"}
     assert with_table.metadata["data_dir"] == str(damaged.root.resolve())
     report = with_table.metadata["report"]
-    assert sum(report["slices"].values()) == len(df)
+    assert sum(report["slices"].values()) + report["left_out_slices"] == len(df)
     assert report["studies"]["test"] == damaged.truth.query("split == 'test'")["StudyInstanceUID"].nunique()
+    # the volume of each study is its slices in order along z, numbered 0..n-1
+    for uid, study in df[df["slice_index"] >= 0].groupby("StudyInstanceUID"):
+        ordered = study.sort_values("slice_index")
+        assert ordered["slice_index"].tolist() == list(range(len(study))), uid
+        assert (np.diff(ordered["position"]) > 0).all() and (ordered["position"] == ordered["z"]).all(), uid
 
 
 def test_visibility_equals_ground_truth_from_segmentations_and_table(with_table, damaged):
     rows = with_truth(with_table, damaged)
-    assert len(rows) >= len(damaged.truth)  # every generated slice was scanned (a duplicate file adds one)
+    assert len(rows) == len(damaged.truth)  # every generated slice is in its study's volume, once
+    assert damaged.stray_study in set(rows["StudyInstanceUID"]) and damaged.stray_study in damaged.segmented
     np.testing.assert_array_equal(rows[list(VISIBLE_COLUMNS)].to_numpy(), rows[VISIBLE_GT].to_numpy())
     from_segmentation = rows["StudyInstanceUID"].isin(damaged.segmented)
     assert (rows.loc[from_segmentation, "visibility_source"] == "segmentation").all()
@@ -343,20 +360,24 @@ def test_without_a_table_only_segmented_studies_have_visibility(without_table, d
 
 def test_bad_files_are_reported_and_every_other_file_is_read(with_table, damaged):
     df = with_table.df.set_index("path")
-    corrupt, truncated = df.loc[str(damaged.corrupt.resolve())], df.loc[str(damaged.truncated.resolve())]
-    assert "not a DICOM file" in corrupt["problem"]
-    assert "truncated" in truncated["problem"]
-    for row in (corrupt, truncated):
-        assert np.isnan(row["z"]) and np.isnan(row["rows"]) and row["StudyInstanceUID"] == damaged.extra_files_study
-        assert row["visibility_source"] == "unknown"  # the table does not list these slice numbers
-        assert row["fracture_source"] != "unknown"  # the study's labels still apply
-    duplicates = [str(p.resolve()) for p in damaged.duplicates]
-    assert df.loc[duplicates, "problem"].str.contains("duplicate slice_number 3").all()
-    others = df.drop(index=[str(damaged.corrupt.resolve()), str(damaged.truncated.resolve()), *duplicates])
+    assert str(damaged.corrupt.resolve()) not in df.index  # random bytes: not DICOM, reported as an issue
+    not_dicom = {i["study"]: i["detail"] for i in with_table.metadata["report"]["issues"] if i["kind"] == "not_dicom"}
+    assert set(not_dicom) == {damaged.extra_files_study, damaged.stray_study}
+    assert "9001.dcm" in not_dicom[damaged.extra_files_study] and "2 file(s)" in not_dicom[damaged.stray_study]
+    truncated = df.loc[str(damaged.truncated.resolve())]
+    # a cut copy of 5.dcm: same position as 5.dcm, which is whole and kept
+    assert truncated["left_out"] == "duplicate_position" and truncated["slice_index"] == -1
+    assert "5.dcm, which was kept" in truncated["problem"] and "file truncated" in truncated["problem"]
+    assert truncated["StudyInstanceUID"] == damaged.extra_files_study and truncated["visibility_source"] == "unknown"
+    original, copy = (str(p.resolve()) for p in damaged.duplicates)  # 3.dcm and its copy 003.dcm
+    assert df.loc[copy, "problem"] == "" and df.loc[copy, "slice_index"] >= 0  # the first by file name is kept
+    assert df.loc[original, "left_out"] == "duplicate_position" and "003.dcm, which was kept" in df.loc[original, "problem"]
+    others = df.drop(index=[str(damaged.truncated.resolve()), original])
     assert (others["problem"] == "").all() and np.isfinite(others["z"]).all() and (others["rows"] > 0).all()
-    reported = {p["path"]: p["reason"] for p in with_table.metadata["report"]["problems"]}
-    assert set(reported) == {str(damaged.corrupt.resolve()), str(damaged.truncated.resolve()), *duplicates}
-    assert "problem slices: 4" in with_table.printed and damaged.corrupt.name in with_table.printed
+    report = with_table.metadata["report"]
+    assert report["problems"] == [] and report["left_out_reasons"] == {"duplicate_position": 2}
+    assert {p["path"] for p in report["left_out"]} == {str(damaged.truncated.resolve()), original}
+    assert "problem slices: 0" in with_table.printed and "left out: 2 slice(s) (duplicate_position 2)" in with_table.printed
 
 
 def test_dataset_inconsistencies_are_reported(with_table, without_table, damaged):
@@ -365,9 +386,9 @@ def test_dataset_inconsistencies_are_reported(with_table, without_table, damaged
     assert issues_of(with_table, "segmentation_without_images") == {MISSING_UID}
     assert issues_of(with_table, "uid_mismatch") == {UNLABELED_UID}  # its files carry the test study's uid
     assert issues_of(with_table, "segmentation_mismatch") == {damaged.wrong_segmentation}
-    assert issues_of(with_table, "duplicate_slice_number") == {damaged.duplicate_study}
-    assert issues_of(with_table, "partial_table") == {damaged.extra_files_study}  # 9001, 9002 not in it
-    for kind in ("missing_images", "unlabeled_folder", "segmentation_mismatch", "duplicate_slice_number"):
+    assert issues_of(with_table, "left_out_duplicate_position") == {damaged.duplicate_study, damaged.extra_files_study}
+    assert issues_of(with_table, "partial_table") == set()  # the table covers every slice of every volume
+    for kind in ("missing_images", "unlabeled_folder", "segmentation_mismatch", "left_out_duplicate_position"):
         assert kind in with_table.printed
     assert MISSING_UID not in set(with_table.df["StudyInstanceUID"])
     unlabeled = with_table.df[with_table.df["StudyInstanceUID"] == UNLABELED_UID]
@@ -381,7 +402,7 @@ def test_dataset_inconsistencies_are_reported(with_table, without_table, damaged
     assert issues_of(without_table, "segmentation_mismatch") == {damaged.wrong_segmentation}
     summary = {s["StudyInstanceUID"]: s for s in with_table.metadata["report"]["per_study"]}
     assert any("segmentation_mismatch" in issue for issue in summary[damaged.wrong_segmentation]["issues"])
-    assert summary[damaged.extra_files_study]["problems"] == 2
+    assert (summary[damaged.extra_files_study]["problems"], summary[damaged.extra_files_study]["left_out"]) == (0, 1)
 
 
 def test_main_reports_bad_arguments(tmp_path, capsys):
@@ -390,4 +411,98 @@ def test_main_reports_bad_arguments(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "--out" in capsys.readouterr().err
     assert main([str(tmp_path), "--out", str(tmp_path / "t.parquet")]) == 2
-    assert "no .dcm files" in capsys.readouterr().err
+    assert "no study folder under train_images/ or test_images/" in capsys.readouterr().err
+    (tmp_path / "train_images" / "1.2.3").mkdir(parents=True)
+    (tmp_path / "train_images" / "1.2.3" / "notes.txt").write_text("no images here")
+    assert main([str(tmp_path), "--out", str(tmp_path / "t.parquet")]) == 2
+    assert "no DICOM file in the study folders" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- real export layouts
+
+
+@pytest.fixture(scope="module")
+def exports_scanned(export_studies, tmp_path_factory) -> tuple[Scanned, dict]:
+    """The export studies as an RSNA-layout dataset: labels for all, boxes for a study that does not
+    exist, and a segmentation for the study whose folder holds three series."""
+    root = tmp_path_factory.mktemp("exports_scan") / "data"
+    for study in export_studies.values():
+        shutil.copytree(study.folder, root / "train_images" / study.uid)
+    uids = [s.uid for s in export_studies.values()]
+    labels = pd.DataFrame({"StudyInstanceUID": uids, "patient_overall": 0, **{v: 0 for v in VERTEBRAE}})
+    labels.to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"StudyInstanceUID": ["1.2.999.404"], "x": [1.0], "y": [1.0], "width": [4.0], "height": [4.0],
+                  "slice_number": [3]}).to_csv(root / "train_bounding_boxes.csv", index=False)
+    segmented = export_studies["uid_named"]
+    (root / "segmentations").mkdir()
+    per_slice = [[1 + k // 4] for k in range(segmented.volume.spec.num_slices)]  # C1..C6, 4 slices each
+    write_segmentation(root / "segmentations" / f"{segmented.uid}.nii", per_slice)
+    out = root / "slices.parquet"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([str(root), "--out", str(out), "--workers", "2", "--no-progress"]) == 0
+    return Scanned(pd.read_parquet(out), read_scan_metadata(out), printed.getvalue()), export_studies
+
+
+def test_nested_extension_less_and_uid_named_layouts_scan_to_their_volumes(exports_scanned):
+    scanned, studies = exports_scanned
+    df = scanned.df
+    for name, study in studies.items():
+        rows = df[df["StudyInstanceUID"] == study.uid]
+        volume = rows[rows["slice_index"] >= 0].sort_values("slice_index")
+        if study.volume is None:
+            assert volume.empty and (rows["problem"] != "").all(), name
+            continue
+        assert len(volume) == study.volume.spec.num_slices, name
+        assert (volume["problem"] == "").all(), name  # UID names, IM0001 names, no preamble: none is a problem
+        left = rows[rows["slice_index"] < 0]["left_out"].value_counts().to_dict()
+        assert left == {k: v for k, v in study.left_out.items() if k != "not_dicom"}, name
+    nested = df[df["StudyInstanceUID"] == studies["nested"].uid]
+    assert nested["path"].str.contains("/PATIENT01/STUDY01/SERIES02/IM00").any()
+    # slice numbers: the file's <n>.dcm, else InstanceNumber, else (multi-frame) the frame number
+    uid_named = df[(df["StudyInstanceUID"] == studies["uid_named"].uid) & (df["slice_index"] >= 0)]
+    assert sorted(uid_named["slice_number"]) == list(range(1, 25))
+    enhanced = df[df["StudyInstanceUID"] == studies["enhanced"].uid].sort_values("slice_index")
+    assert enhanced["frame"].tolist() == list(range(9, -1, -1)) and enhanced["slice_number"].tolist() == list(range(10, 0, -1))
+    assert enhanced["path"].nunique() == 1 and (enhanced["position"].diff().dropna() > 0).all()
+
+
+def test_a_segmentation_matches_the_chosen_series_and_stray_files_cost_nothing(exports_scanned):
+    scanned, studies = exports_scanned
+    study = studies["uid_named"]
+    rows = scanned.df[(scanned.df["StudyInstanceUID"] == study.uid) & (scanned.df["slice_index"] >= 0)]
+    assert (rows["visibility_source"] == "segmentation").all() and len(rows) == 24
+    by_number = rows.set_index("slice_number").sort_index()
+    expected = np.zeros((24, 7))
+    for k in range(24):
+        expected[k, k // 4] = 1
+    np.testing.assert_array_equal(by_number[list(VISIBLE_COLUMNS)].to_numpy(), expected)  # z rises with the number
+    assert not issues_of(scanned, "segmentation_mismatch")
+
+
+def test_the_report_names_every_leave_out_the_hopeless_study_and_unknown_box_rows(exports_scanned):
+    scanned, studies = exports_scanned
+    assert issues_of(scanned, "no_volume") == {studies["hopeless"].uid}
+    assert issues_of(scanned, "boxes_without_images") == {"1.2.999.404"}
+    assert issues_of(scanned, "missing_images") == {studies["hopeless"].uid}
+    assert issues_of(scanned, "not_dicom") == {studies["nested"].uid}
+    assert issues_of(scanned, "left_out_other_series") == {studies["uid_named"].uid}
+    assert issues_of(scanned, "left_out_not_axial") == {studies["uid_named"].uid}
+    assert issues_of(scanned, "left_out_localizer") == {studies["nested"].uid}
+    assert issues_of(scanned, "volume_note") == {studies["no_positions"].uid}
+    reasons = scanned.metadata["report"]["left_out_reasons"]
+    assert reasons == {"other_series": 8, "not_axial": 10, "localizer": 2, "secondary_capture": 2, "non_image": 1}
+    assert "boxes_without_images" in scanned.printed and "no_volume" in scanned.printed
+
+
+def test_a_multi_frame_file_is_scanned_frame_by_frame_with_its_true_cause_when_left_out(tmp_path):
+    """pydicom's real Enhanced MR: 10 frames, each a row; left out because it is MR, not for lacking a position."""
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "data" / "test_images" / "1.2.3.4"
+    folder.mkdir(parents=True)
+    shutil.copy(get_testdata_file("emri_small.dcm"), folder / "emri.dcm")
+    df = scan(tmp_path / "data", ScanConfig(data_dir=str(tmp_path / "data"), workers=1, progress=False))
+    assert df["frame"].tolist() == list(range(10)) and (df["left_out"] == "not_ct").all()
+    assert (df["problem"] == "left out (not_ct): Modality MR").all()
+    assert df.attrs["vit_spine"]["report"]["issues"][0]["kind"] == "no_volume"

@@ -35,15 +35,18 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from vit_spine import STUDY_TARGETS, VERTEBRAE
-from vit_spine.preprocess import PreprocessConfig, render_slice
+from vit_spine.preprocess import PreprocessConfig, render_volume
 from vit_spine.shards import ARROW_FILE, SHARD_META, features_dict, record_batch, shard_schema, write_dataset_files
+
+if TYPE_CHECKING:  # the study module imports pydicom; training reads shards without it
+    from vit_spine.study import SliceRef
 
 FORMAT = 2  # 2: 'bone25d' shards store one channel per slice
 MANIFEST = "manifest.json"
@@ -52,7 +55,8 @@ TMP_PREFIX = ".tmp-"
 LABEL_COLUMNS = (*(f"fracture_{v}" for v in VERTEBRAE), *(f"visible_{v}" for v in VERTEBRAE))
 STUDY_LABEL_COLUMNS = ("label_overall", *(f"label_{v}" for v in VERTEBRAE))
 REQUIRED_COLUMNS = (
-    "StudyInstanceUID", "slice_number", "path", "image_set", "z", "problem", *LABEL_COLUMNS, *STUDY_LABEL_COLUMNS,
+    "StudyInstanceUID", "slice_number", "path", "frame", "image_set", "slice_index", "position", "z",
+    "pixel_spacing", "pixel_spacing_column", "problem", *LABEL_COLUMNS, *STUDY_LABEL_COLUMNS,
 )
 # Options that change the plan or the pixels: a resumed run must use the same ones.
 PLAN_OPTIONS = ("shard_size", "val_fraction", "val_fold", "ignore_folds", "seed")
@@ -146,7 +150,7 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
 def with_shard_state(manifest: dict[str, Any], directory: Path) -> dict[str, Any]:
     """`manifest` plus what the shard folders in `directory` say (see `load_manifest`)."""
     manifest = json.loads(json.dumps(manifest))
-    known = {(p["path"], p["reason"]) for p in manifest["problems"]}
+    known = {(p["path"], p.get("frame", 0), p["reason"]) for p in manifest["problems"]}
     for shard in manifest["shards"]:
         meta_path = directory / shard["path"] / SHARD_META
         shard["complete"] = meta_path.is_file()
@@ -155,9 +159,10 @@ def with_shard_state(manifest: dict[str, Any], directory: Path) -> dict[str, Any
         meta = json.loads(meta_path.read_text())
         shard["num_slices"] = meta["num_slices"]
         for problem in meta["problems"]:
-            if (problem["path"], problem["reason"]) not in known:
+            key = (problem["path"], problem.get("frame", 0), problem["reason"])
+            if key not in known:
                 manifest["problems"].append(problem)
-                known.add((problem["path"], problem["reason"]))
+                known.add(key)
     manifest["complete"] = all(s["complete"] for s in manifest["shards"])
     return manifest
 
@@ -264,10 +269,14 @@ class TrainingSlices:
 
 
 def select_training_slices(table: pd.DataFrame) -> TrainingSlices:
-    """Readable slices of labelled train_images studies; everything left out is listed with a reason."""
+    """The volumes' readable slices of labelled train_images studies, in volume order (`slice_index`,
+    the study assembly's order along the slice normal); everything left out is listed with a reason."""
     train = table[table["image_set"] == "train"]
-    bad = train["problem"].fillna("") != ""
-    problems = [{"path": str(p), "reason": str(r)} for p, r in zip(train.loc[bad, "path"], train.loc[bad, "problem"])]
+    bad = (train["problem"].fillna("") != "") | (train["slice_index"] < 0)
+    problems = [
+        {"path": str(p), "frame": int(f), "reason": str(r)}
+        for p, f, r in zip(train.loc[bad, "path"], train.loc[bad, "frame"], train.loc[bad, "problem"])
+    ]
     good = train[~bad]
     labelled = good["label_overall"].notna()
     skipped = [
@@ -275,11 +284,11 @@ def select_training_slices(table: pd.DataFrame) -> TrainingSlices:
         for uid, n in good[~labelled].groupby("StudyInstanceUID").size().items()
     ]
     good = good[labelled]
-    all_bad = set(train.loc[train["label_overall"].notna(), "StudyInstanceUID"]) - set(good["StudyInstanceUID"])
-    skipped += [
-        {"StudyInstanceUID": uid, "reason": "no readable slice", "num_slices": 0} for uid in sorted(all_bad)
-    ]
-    good = good.sort_values(["StudyInstanceUID", "z", "slice_number"], kind="stable", ignore_index=True)
+    labelled_train = train[train["label_overall"].notna()]
+    for uid in sorted(set(labelled_train["StudyInstanceUID"]) - set(good["StudyInstanceUID"])):
+        reasons = labelled_train.loc[labelled_train["StudyInstanceUID"] == uid, "problem"].value_counts()
+        skipped.append({"StudyInstanceUID": uid, "reason": f"no usable slice ({reasons.index[0]})", "num_slices": 0})
+    good = good.sort_values(["StudyInstanceUID", "slice_index"], kind="stable", ignore_index=True)
     groups = good.groupby("StudyInstanceUID", sort=True)
     studies = groups[list(STUDY_LABEL_COLUMNS)].first()
     studies.columns = list(STUDY_TARGETS)
@@ -415,7 +424,7 @@ def study_record_batch(pixels: np.ndarray, rows: pd.DataFrame, schema):
         rows[list(STUDY_LABEL_COLUMNS)].to_numpy(np.float32),
         rows["StudyInstanceUID"].astype(str).tolist(),
         rows["slice_number"].to_numpy(np.int32),
-        rows["z"].to_numpy(np.float32),
+        rows["position"].to_numpy(np.float32),  # the shard's `z`: mm along the slice normal (z for axial slices)
         schema,
     )
 
@@ -428,34 +437,31 @@ def shard_fingerprint(plan: ShardPlan, preprocess: PreprocessConfig) -> str:
 # ---------------------------------------------------------------- decoding (worker side)
 
 
-def render_study(paths: Sequence[str], config: PreprocessConfig, out: np.ndarray | None = None):
-    """Decode and preprocess one study's slices (z ascending).
+def render_study(slices: Sequence[SliceRef], config: PreprocessConfig, out: np.ndarray | None = None):
+    """Decode and preprocess one study's slices (in volume order).
 
     Returns (pixels uint8 (n_ok, k, S, S) as the shard stores them (k = `stored_channels(config)`) -- a
-    view of `out` when given --, ok mask over `paths`, problems [(path, reason)] of the slices that
-    failed to decode).
+    view of `out` when given --, ok mask over `slices`, problems [(path, frame, reason)] of the slices
+    that failed to decode).
     """
-    from vit_spine.dicom import DicomReadError, read_hu
-
-    rendered, problems = [], []
-    ok = np.zeros(len(paths), bool)
-    hu = None  # each slice is rendered at once, so the next one may reuse its HU array
-    for i, path in enumerate(paths):
-        try:
-            hu = read_hu(path, out=hu)
-        except DicomReadError as error:
-            problems.append((str(path), error.reason))
-            continue
-        except OSError as error:  # e.g. the file vanished since the scan
-            problems.append((str(path), str(error)))
-            continue
-        rendered.append(render_slice(hu, config))
-        ok[i] = True
-    shape = (len(rendered), stored_channels(config), config.image_size, config.image_size)
-    pixels = np.empty(shape, np.uint8) if out is None else out[: len(rendered)]
-    for i, image in enumerate(rendered):
+    rendered, problems = render_volume(slices, config)
+    ok = np.array([image is not None for image in rendered], bool)
+    shape = (int(ok.sum()), stored_channels(config), config.image_size, config.image_size)
+    pixels = np.empty(shape, np.uint8) if out is None else out[: shape[0]]
+    for i, image in enumerate(image for image in rendered if image is not None):
         pixels[i] = image
     return pixels, ok, problems
+
+
+def slice_refs(rows: pd.DataFrame) -> list[SliceRef]:
+    """The slices of a study's rows of the slice table, in row order."""
+    from vit_spine.study import SliceRef
+
+    spacing = zip(rows["pixel_spacing"].to_numpy(float), rows["pixel_spacing_column"].to_numpy(float))
+    return [
+        SliceRef(str(p), int(f), (r, c) if np.isfinite(r) and np.isfinite(c) else None)
+        for p, f, (r, c) in zip(rows["path"], rows["frame"], spacing)
+    ]
 
 
 def stored_channels(config: PreprocessConfig) -> int:
@@ -471,7 +477,7 @@ def _init_worker(config: PreprocessConfig) -> None:
     _WORKER["slots"] = {}
 
 
-def _render_into_slot(task: tuple[str, list[str], str]) -> tuple[str, np.ndarray, list]:
+def _render_into_slot(task: tuple[str, list[SliceRef], str]) -> tuple[str, np.ndarray, list]:
     uid, paths, slot_name = task
     slots = _WORKER["slots"]
     if slot_name not in slots:
@@ -492,11 +498,11 @@ class RenderedStudy:
     uid: str
     pixels: np.ndarray  # valid until the next study is requested
     ok: np.ndarray
-    problems: list[tuple[str, str]]
+    problems: list[tuple[str, int, str]]  # (path, frame, reason)
 
 
 def render_studies(
-    tasks: list[tuple[str, list[str]]], config: PreprocessConfig, workers: int
+    tasks: list[tuple[str, list[SliceRef]]], config: PreprocessConfig, workers: int
 ) -> Iterator[RenderedStudy]:
     """Rendered studies in the order of `tasks`, decoded by `workers` processes (0: here).
 
@@ -587,7 +593,7 @@ def write_shard(
             if len(rows):
                 writer.write_batch(study_record_batch(study.pixels, rows, schema))
             num_slices += len(rows)
-            problems += [{"path": p, "reason": r} for p, r in study.problems]
+            problems += [{"path": p, "frame": f, "reason": r} for p, f, r in study.problems]
             if progress is not None:
                 progress.update(len(study.ok))
             del study
@@ -719,14 +725,12 @@ def write_shards(
     on_shard_done: Callable[[dict[str, Any]], None] | None,
 ) -> None:
     wanted = {uid for plan in todo for uid in plan.studies}
-    slices = slices[slices["StudyInstanceUID"].isin(wanted)].sort_values(
-        ["StudyInstanceUID", "z", "slice_number"], kind="stable"
-    )
+    slices = slices[slices["StudyInstanceUID"].isin(wanted)].sort_values(["StudyInstanceUID", "slice_index"], kind="stable")
     by_study = {uid: rows.reset_index(drop=True) for uid, rows in slices.groupby("StudyInstanceUID", sort=False)}
     missing = wanted - set(by_study)
     if missing:
         raise ValueError(f"{out / SLICE_TABLE}: no slices for planned studies {sorted(missing)[:5]}")
-    tasks = [(uid, by_study[uid]["path"].astype(str).tolist()) for plan in todo for uid in plan.studies]
+    tasks = [(uid, slice_refs(by_study[uid])) for plan in todo for uid in plan.studies]
     total = sum(len(by_study[uid]) for uid, _ in tasks)
     studies = render_studies(tasks, preprocess, config.workers)
     try:

@@ -1,12 +1,21 @@
 """`vit-spine predict CHECKPOINT PATH... --out submission.csv`: score new CT studies, write a Kaggle submission.
 
-Each PATH is a study folder of `.dcm` files or a folder of study folders (`test_images/`); a study's
-StudyInstanceUID is its folder name, as in the RSNA layout. Studies stream one at a time: read
-(`read_study`, slices sorted by z) -> preprocess with the options stored in the checkpoint ->
-batched forward passes (bf16 autocast on CUDA) -> slice -> vertebra -> patient pooling and the
-checkpoint's calibrator, exactly as evaluation scores the validation shard. Memory stays bounded by
-one study (by workers + 1 studies with `--workers N`, which decode ahead in other processes). A slice
-that cannot be decoded is reported and skipped; its study is still predicted.
+Each PATH is one study (a folder holding DICOM files directly) or a folder of studies (`test_images/`):
+there, each folder is one study, named by the folder (the Kaggle convention), whatever lies inside it
+(nested series folders, extension-less or UID-named files). Studies stream one at a time: the study
+assembly (`vit_spine.study`: one axial CT series, ordered along the slice normal) -> preprocess with
+the options stored in the checkpoint -> batched forward passes (bf16 autocast on CUDA) -> slice ->
+vertebra -> patient pooling and the checkpoint's calibrator, exactly as evaluation scores the
+validation shard. Memory stays bounded by one study (by workers + 1 studies with `--workers N`, which
+decode ahead in other processes).
+
+A submission is never lost: every study found, or listed by `--studies`, gets its 8 rows. A slice that
+cannot be decoded is skipped and its study still predicted; a study that cannot be used at all (no
+axial CT series, nothing decodable, no folder) gets the checkpoint's prior (the training prevalence)
+and is listed with its reason. Everything skipped or left out is written to `<out>.problems.csv`
+beside the submission. Exit code 0: every study was predicted; 3: the submission is complete but some
+studies got the prior (see the problems file); with `--strict` any such study is an error (exit 1,
+no submission written).
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from vit_spine import STUDY_TARGETS, VERTEBRAE
 # a confidently wrong study costs at most -log(EPS) = 13.8 instead of the metric's 34.5.
 EPS = 1e-6
 SLICE_TABLE_SUFFIXES = (".csv", ".parquet")
+EXIT_FALLBACKS = 3  # the submission is complete, but some studies got the prior instead of a prediction
+PROBLEM_COLUMNS = ("StudyInstanceUID", "level", "path", "frame", "reason")
 
 
 @dataclass
@@ -43,7 +54,11 @@ class PredictConfig:
             "a study's StudyInstanceUID is its folder name."
         }
     )
-    out: str = field(default="submission.csv", metadata={"help": "submission CSV to write (row_id,fractured)."})
+    out: str = field(
+        default="submission.csv",
+        metadata={"help": "submission CSV to write (row_id,fractured); OUT.problems.csv beside it lists every study "
+                  "that got the prior, every slice skipped and every file left out, with its reason."},
+    )
     studies: str | None = field(
         default=None,
         metadata={
@@ -65,6 +80,11 @@ class PredictConfig:
         },
     )
     progress: bool = field(default=True, metadata={"help": "show a progress bar over studies."})
+    strict: bool = field(
+        default=False,
+        metadata={"help": "fail (exit 1, no submission) when a study cannot be predicted, instead of giving it the "
+                  "checkpoint's prior (exit 3)."},
+    )
 
     def __post_init__(self) -> None:
         if not self.paths:
@@ -80,7 +100,7 @@ class PredictConfig:
 @dataclass
 class StudyFolder:
     uid: str
-    path: Path
+    path: Path | None  # None: listed in --studies but found under no PATH
 
 
 @dataclass
@@ -93,6 +113,7 @@ class Predictor:
     pooling: object  # PoolingConfig
     calibrator: object | None  # metrics.Calibrator fitted on the validation studies, or None
     device: object  # torch.device
+    prior: np.ndarray  # (8,) the training prevalence: what a study that cannot be read is given
 
     def slice_probabilities(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
         """uint8 (n, 3, S, S) -> sigmoid probabilities float64 (n, 14), fracture C1..C7 then visible C1..C7."""
@@ -159,50 +180,50 @@ def load_predictor(checkpoint: str | Path, device: str = "auto") -> Predictor:
             f"{path}: the model takes {model.config.image_size} px images but its stored preprocessing "
             f"renders {preprocess.image_size} px"
         )
-    return Predictor(path, model, preprocess, pooling, calibrator, torch_device)
+    # Checkpoints older than the prior's introduction carry no prevalence: 0.5 is the honest "don't know".
+    prior = np.clip(np.asarray(meta.get("baseline_prevalence", [0.5] * len(STUDY_TARGETS)), np.float64), EPS, 1.0 - EPS)
+    return Predictor(path, model, preprocess, pooling, calibrator, torch_device, prior)
 
 
-def has_dicom_files(folder: Path) -> bool:
-    return any(folder.glob("*.dcm"))
+def holds_dicom_files(folder: Path) -> bool:
+    """Whether a folder holds a DICOM file directly (by content, whatever the file names)."""
+    from vit_spine.dicom import looks_like_dicom
+
+    return any(looks_like_dicom(p) for p in sorted(folder.iterdir()) if p.is_file())
 
 
-def find_study_folders(paths: Sequence[str | Path]) -> tuple[list[StudyFolder], list[tuple[str, str]]]:
-    """Study folders under `paths`, in the given order (folders of studies sorted by name).
+def find_study_folders(paths: Sequence[str | Path]) -> list[StudyFolder]:
+    """The studies under `paths`, in the given order (folders of studies sorted by name).
 
-    Returns (studies, skipped) where skipped lists (path, reason) of sub-folders without .dcm files.
+    A PATH that holds DICOM files directly is one study; any other PATH is a folder of studies, where
+    each folder is one study named by its folder, whatever lies inside it.
     """
     studies: list[StudyFolder] = []
-    skipped: list[tuple[str, str]] = []
     for given in paths:
         path = Path(given)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no such folder (expected a study folder or a folder of study folders)")
-        if has_dicom_files(path):
+        if holds_dicom_files(path):
             studies.append(StudyFolder(path.resolve().name, path))
             continue
         subfolders = sorted(p for p in path.iterdir() if p.is_dir())
-        found = [p for p in subfolders if has_dicom_files(p)]
-        if not found:
-            raise FileNotFoundError(f"{path}: neither a study folder (no .dcm files) nor a folder of study folders")
-        studies += [StudyFolder(p.name, p) for p in found]
-        skipped += [(str(p), "no .dcm files in this folder; not a study") for p in subfolders if p not in found]
-    seen: dict[str, Path] = {}
+        if not subfolders:
+            raise FileNotFoundError(f"{path}: neither a study folder (no DICOM file in it) nor a folder of study folders")
+        studies += [StudyFolder(p.name, p) for p in subfolders]
+    seen: dict[str, Path | None] = {}
     for study in studies:
         if study.uid in seen:
             raise ValueError(f"study {study.uid} is given twice: {seen[study.uid]} and {study.path}")
         seen[study.uid] = study.path
-    return studies, skipped
+    return studies
 
 
-def select_listed_studies(studies: list[StudyFolder], test_table: pd.DataFrame, source: str) -> list[StudyFolder]:
-    """The study folders `test_table` lists, in its order; a listed study without a folder is an error."""
+def select_listed_studies(studies: list[StudyFolder], test_table: pd.DataFrame) -> list[StudyFolder]:
+    """The studies `test_table` lists, in its order; a listed study without a folder gets path None
+    (it is predicted with the prior and reported)."""
     by_uid = {study.uid: study for study in studies}
     listed = list(dict.fromkeys(test_table["StudyInstanceUID"]))
-    missing = [uid for uid in listed if uid not in by_uid]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"{source} lists {len(missing)} study(ies) with no images under the given path(s): {shown}")
-    return [by_uid[uid] for uid in listed]
+    return [by_uid.get(uid, StudyFolder(uid, None)) for uid in listed]
 
 
 def submission_rows(uids: Sequence[str], probs: np.ndarray) -> pd.DataFrame:
@@ -222,28 +243,56 @@ class DecodedStudy:
     """One study read and preprocessed: what the model needs, and what went wrong on the way."""
 
     uid: str
-    pixels: np.ndarray  # uint8 (n, 3, S, S), z ascending
-    slice_numbers: list[int | None]
-    zs: np.ndarray  # float64 (n,)
-    problems: list[tuple[str, str]]  # (path, reason) of the slices skipped
+    pixels: np.ndarray  # uint8 (n, 3, S, S), in volume order (along the slice normal, towards the head)
+    slice_numbers: list[int]
+    zs: np.ndarray  # float64 (n,): mm along the slice normal (NaN when the study has no positions)
+    problems: list[tuple[str, int, str]]  # (path, frame, reason) of the slices that failed to decode
+    left_out: list[tuple[str, int, str]]  # (path, frame, reason) of what the study assembly left out
+    error: str  # why the study cannot be predicted at all ("" when it can)
     seconds: float  # reading + preprocessing
 
 
 def decode_study(folder: StudyFolder, preprocess) -> DecodedStudy:
-    """read_study (slices sorted by z; bad slices reported, not fatal) -> preprocess_study."""
-    from vit_spine.dicom import read_study
-    from vit_spine.preprocess import preprocess_study
+    """The study assembly (one axial CT volume, ordered) -> decoded slices -> preprocess_study.
 
+    Never raises for a study's data: what cannot be used ends up in `problems`, `left_out` or `error`
+    (an unexpected exception while reading one study included: one study must not cost the submission).
+    """
     start = time.perf_counter()
-    study = read_study(folder.path)
-    pixels = preprocess_study([hu for _, hu in study.slices], preprocess)
-    headers = [header for header, _ in study.slices]
+    try:
+        return _decode_study(folder, preprocess, start)
+    except Exception as error:  # noqa: BLE001 - reported as this study's reason, the others go on
+        return _unusable(folder.uid, preprocess, f"unexpected error while reading: {type(error).__name__}: {error}", start)
+
+
+def _unusable(uid: str, preprocess, error: str, start: float, left_out=(), problems=()) -> DecodedStudy:
+    empty = np.zeros((0, 3, preprocess.image_size, preprocess.image_size), np.uint8)
+    return DecodedStudy(uid, empty, [], np.zeros(0), list(problems), list(left_out), error, time.perf_counter() - start)
+
+
+def _decode_study(folder: StudyFolder, preprocess, start: float) -> DecodedStudy:
+    from vit_spine.preprocess import render_volume, stack_channels
+    from vit_spine.study import SliceRef, assemble_folder, slice_number
+
+    if folder.path is None:
+        return _unusable(folder.uid, preprocess, "listed in --studies, but no folder of this name under the given path(s)", start)
+    assembly = assemble_folder(folder.path)
+    left_out = [(item.path, item.frame or 0, item.reason) for item in assembly.left_out]
+    rendered, problems = render_volume([SliceRef.of(h) for h in assembly.slices], preprocess)
+    kept = [i for i, image in enumerate(rendered) if image is not None]
+    if assembly.error:
+        return _unusable(folder.uid, preprocess, assembly.error, start, left_out)
+    if not kept:
+        error = f"none of the volume's {len(rendered)} slices could be decoded (first: {problems[0][2]})"
+        return _unusable(folder.uid, preprocess, error, start, left_out, problems)
     return DecodedStudy(
         uid=folder.uid,
-        pixels=pixels,
-        slice_numbers=[h.slice_number for h in headers],
-        zs=np.array([h.z for h in headers], dtype=np.float64),
-        problems=list(study.problems),
+        pixels=stack_channels([rendered[i] for i in kept], preprocess),
+        slice_numbers=[slice_number(assembly.slices[i]) for i in kept],
+        zs=np.array([np.nan if assembly.positions[i] is None else assembly.positions[i] for i in kept], np.float64),
+        problems=problems,
+        left_out=left_out,
+        error="",
         seconds=time.perf_counter() - start,
     )
 
@@ -281,14 +330,18 @@ def decoded_studies(folders: Sequence[StudyFolder], preprocess, workers: int) ->
 @dataclass
 class StudyPrediction:
     uid: str
-    probs: np.ndarray  # (8,) patient_overall, C1..C7: pooled, calibrated, clipped
+    probs: np.ndarray  # (8,) patient_overall, C1..C7: pooled, calibrated, clipped (or the prior)
     slices: pd.DataFrame  # StudyInstanceUID, slice_number, z, fracture_C1..C7, visible_C1..C7
     model_seconds: float
+    fallback: str = ""  # why the study got the prior ("" when it was predicted)
 
 
 def predict_decoded(predictor: Predictor, study: DecodedStudy, batch_size: int) -> StudyPrediction:
+    """The model's study probabilities, or the prior when the study could not be read."""
     from vit_spine.model import LABEL_NAMES
 
+    if study.error:
+        return StudyPrediction(study.uid, predictor.prior.copy(), pd.DataFrame(), 0.0, study.error)
     start = time.perf_counter()
     probs = predictor.slice_probabilities(study.pixels, batch_size)
     seconds = time.perf_counter() - start
@@ -307,7 +360,8 @@ def predict_decoded(predictor: Predictor, study: DecodedStudy, batch_size: int) 
 class Predictions:
     submission: pd.DataFrame  # row_id, fractured
     slices: pd.DataFrame  # StudyInstanceUID, slice_number, z, fracture_C1..C7, visible_C1..C7
-    problems: list[tuple[str, str]]  # (path, reason) of every slice or folder skipped
+    problems: pd.DataFrame  # PROBLEM_COLUMNS: studies given the prior, slices skipped, files left out
+    fallbacks: list[tuple[str, str]]  # (uid, reason) of the studies that got the prior
     unlisted: list[str]  # studies found under the paths but not asked for by --studies, so not predicted
     checkpoint: Path
     num_studies: int
@@ -328,25 +382,27 @@ def predict_studies(
     progress: bool = True,
     on_problem: Callable[[str, str], None] | None = None,
 ) -> Predictions:
-    """Predict every study under `paths` (only those `studies` = test.csv lists, when given).
+    """Predict every study under `paths` (only those `studies` = test.csv lists, when given, and every one of them).
 
-    `on_problem(path, reason)` is called for each skipped slice as it happens (default: printed).
+    `on_problem(where, reason)` is called for each skipped slice and each study given the prior as it
+    happens (default: printed).
     """
     from vit_spine.labels import read_test_table
 
     started = time.perf_counter()
-    report = on_problem or (lambda path, reason: tqdm.write(f"skipped slice {path}: {reason}", file=sys.stderr))
+    report = on_problem or (lambda where, reason: tqdm.write(f"{where}: {reason}", file=sys.stderr))
     predictor = load_predictor(checkpoint, device)
-    folders, problems = find_study_folders(paths)
+    folders = find_study_folders(paths)
     test_table = None
     unlisted: list[str] = []
     if studies is not None:
         test_table = read_test_table(studies)
-        listed = select_listed_studies(folders, test_table, str(studies))
+        listed = select_listed_studies(folders, test_table)
         unlisted = sorted({f.uid for f in folders} - {f.uid for f in listed})
         folders = listed
 
     results: list[StudyPrediction] = []
+    problem_rows: list[tuple] = []
     decode_seconds = wait_seconds = 0.0
     bar = tqdm(total=len(folders), desc="predicting", unit="study", disable=not progress)
     decoded = decoded_studies(folders, predictor.preprocess, workers)
@@ -356,9 +412,11 @@ def predict_studies(
         wait_seconds += time.perf_counter() - waited
         if study is None:
             break
-        for path, reason in study.problems:
-            report(path, reason)
-        problems += study.problems
+        for path, frame, reason in study.problems:
+            report(f"skipped slice {path}" + (f" frame {frame}" if frame else ""), reason)
+        if study.error:
+            report(f"study {study.uid} gets the prior", study.error)
+        problem_rows += study_problem_rows(study)
         decode_seconds += study.seconds
         results.append(predict_decoded(predictor, study, batch_size))
         bar.update()
@@ -369,11 +427,13 @@ def predict_studies(
     submission = submission_rows([r.uid for r in results], probs)
     if test_table is not None:
         submission = rows_for_test_table(submission, test_table)
-    slices = pd.concat([r.slices for r in results], ignore_index=True) if results else pd.DataFrame()
+    predicted = [r.slices for r in results if len(r.slices)]
+    slices = pd.concat(predicted, ignore_index=True) if predicted else pd.DataFrame()
     return Predictions(
         submission=submission,
         slices=slices,
-        problems=problems,
+        problems=pd.DataFrame(problem_rows, columns=list(PROBLEM_COLUMNS)),
+        fallbacks=[(r.uid, r.fallback) for r in results if r.fallback],
         unlisted=unlisted,
         checkpoint=predictor.checkpoint,
         num_studies=len(results),
@@ -385,6 +445,19 @@ def predict_studies(
     )
 
 
+def study_problem_rows(study: DecodedStudy) -> list[tuple]:
+    """Rows of the problems file for one study: its fallback, its skipped slices, what was left out."""
+    rows = [(study.uid, "study", "", "", f"given the prior: {study.error}")] if study.error else []
+    rows += [(study.uid, "slice", path, frame, reason) for path, frame, reason in study.problems]
+    rows += [(study.uid, "left_out", path, frame, reason) for path, frame, reason in study.left_out]
+    return rows
+
+
+def problems_path(out: Path) -> Path:
+    """OUT.problems.csv beside the submission (submission.csv -> submission.problems.csv)."""
+    return out.with_name(f"{out.stem}.problems.csv")
+
+
 def write_table(frame: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".parquet":
@@ -393,17 +466,28 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(path, index=False)
 
 
-def problem_summary(problems: list[tuple[str, str]], shown: int = 20) -> str:
-    lines = [f"{len(problems)} file(s)/folder(s) skipped:"]
-    lines += [f"  {path}: {reason}" for path, reason in problems[:shown]]
-    if len(problems) > shown:
-        lines.append(f"  ... and {len(problems) - shown} more (each was printed as it happened)")
+def problem_summary(result: Predictions, shown: int = 20) -> str:
+    """What the run could not predict or read, for the end of its output."""
+    problems = result.problems
+    lines = []
+    if result.fallbacks:
+        lines.append(f"{len(result.fallbacks)} study(ies) got the checkpoint's prior instead of a prediction:")
+        lines += [f"  {uid}: {reason}" for uid, reason in result.fallbacks[:shown]]
+        if len(result.fallbacks) > shown:
+            lines.append(f"  ... and {len(result.fallbacks) - shown} more")
+    skipped = problems[problems["level"] == "slice"]
+    if len(skipped):
+        lines.append(f"{len(skipped)} slice(s) could not be decoded and were skipped (their studies were predicted)")
+    left_out = problems[problems["level"] == "left_out"]
+    if len(left_out):
+        kinds = left_out["reason"].str.extract(r"^left out \((\w+)\)")[0].value_counts()
+        listed = ", ".join(f"{kind} {count}" for kind, count in kinds.items())
+        lines.append(f"{len(left_out)} file(s)/frame(s) left out by the study assembly ({listed})")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from vit_spine.cli import parse_config
-    from vit_spine.dicom import DicomReadError
 
     (config,) = parse_config(
         PredictConfig,
@@ -412,29 +496,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__.split("\n")[0],
         positionals=("checkpoint", "paths"),
     )
-    try:
-        result = predict_studies(
-            config.checkpoint,
-            config.paths,
-            studies=config.studies,
-            batch_size=config.batch_size,
-            device=config.device,
-            workers=config.workers,
-            progress=config.progress,
-        )
-    except (FileNotFoundError, ValueError, DicomReadError) as error:
-        print(f"vit-spine predict: error: {error}", file=sys.stderr)
-        return 1
+    result = predict_studies(
+        config.checkpoint,
+        config.paths,
+        studies=config.studies,
+        batch_size=config.batch_size,
+        device=config.device,
+        workers=config.workers,
+        progress=config.progress,
+    )
     out = Path(config.out)
-    write_table(result.submission, out)
+    write_table(result.problems, problems_path(out))
     print(f"checkpoint {result.checkpoint}")
     print(f"{result.num_studies} studies, {result.num_slices} slices in {result.wall_seconds:.1f} s")
-    print(f"submission: {out} ({len(result.submission)} rows)")
+    summary = problem_summary(result)
+    if summary:
+        print(summary, file=sys.stderr)
+    if result.fallbacks and config.strict:
+        print(f"vit-spine predict: error: --strict: {len(result.fallbacks)} study(ies) could not be predicted; "
+              f"no submission written (reasons in {problems_path(out)})", file=sys.stderr)
+        return 1
+    write_table(result.submission, out)
+    print(f"submission: {out} ({len(result.submission)} rows); problems: {problems_path(out)} ({len(result.problems)} rows)")
     if config.slices_out:
         write_table(result.slices, Path(config.slices_out))
         print(f"slice scores: {config.slices_out}")
     if result.unlisted:
         print(f"{len(result.unlisted)} study folder(s) not listed in {config.studies} were not predicted")
-    if result.problems:
-        print(problem_summary(result.problems), file=sys.stderr)
-    return 0
+    return EXIT_FALLBACKS if result.fallbacks else 0

@@ -1,9 +1,16 @@
 """Slices in Hounsfield units -> the 3-channel uint8 images the model sees (shared by chunk and predict).
 
-Per slice: optionally keep a centred square (`crop`), resize the HU image (antialiased bilinear, as
-PIL's BILINEAR and `torch.nn.functional.interpolate(antialias=True)`), then map HU through the display
-window(s) to uint8. Resampling in HU and windowing afterwards is the radiology order (resample the
-volume, then display it) and costs one resize per slice whatever the channel scheme.
+Per slice: take a centred square field of view, resize it (antialiased bilinear, as PIL's BILINEAR and
+`torch.nn.functional.interpolate(antialias=True)`), then map HU through the display window(s) to uint8.
+Resampling in HU and windowing afterwards is the radiology order (resample the volume, then display
+it) and costs one resize per slice whatever the channel scheme.
+
+The field of view is never stretched: a non-square slice (512 x 640) is padded with air to a square
+first. By default it is the whole slice (`crop` 1) or its centred part (`crop` < 1), so the physical
+scale follows each study's reconstruction (0.3 to 1 mm per pixel on real scanners). With
+`pixel_spacing` every slice is resampled to that many mm per output pixel instead: the field of view
+is `image_size x pixel_spacing` mm around the slice centre, the same anatomy at the same size in every
+study.
 
 Channel schemes (always 3 channels, so ImageNet-pretrained weights apply):
 - "bone25d" (default): the slice below, the slice itself and the slice above (z ascending), each in the
@@ -47,9 +54,18 @@ class PreprocessConfig:
     crop: float = field(
         default=1.0,
         metadata={
-            "help": "side of the centred square kept before resizing, as a fraction of the slice side (1 = the "
-            "whole slice). Cervical spine CTs are reconstructed centred on the neck, so e.g. 0.6 drops air and "
-            "shoulders and gives the vertebrae 1/0.6 times more pixels at the same --image_size."
+            "help": "side of the centred square kept before resizing, as a fraction of the slice's longer side "
+            "(1 = the whole slice, padded to a square with air when it is not square). Cervical spine CTs are "
+            "reconstructed centred on the neck, so e.g. 0.6 drops air and shoulders and gives the vertebrae 1/0.6 "
+            "times more pixels at the same --image_size. Not with --pixel_spacing."
+        },
+    )
+    pixel_spacing: float | None = field(
+        default=None,
+        metadata={
+            "help": "resample every slice to this physical pixel size (mm per output pixel; default: off). The kept "
+            "square is then image_size x pixel_spacing millimetres around the slice centre (e.g. 224 x 0.5 = 112 mm), "
+            "so a 0.3 mm and a 1.2 mm study show the neck at the same scale. Slices without PixelSpacing are skipped."
         },
     )
 
@@ -60,6 +76,12 @@ class PreprocessConfig:
             raise ValueError(f"--channels must be one of {', '.join(CHANNEL_SCHEMES)}, got {self.channels!r}")
         if not 0.0 < self.crop <= 1.0:
             raise ValueError(f"--crop must be in (0, 1], got {self.crop}")
+        if self.pixel_spacing is not None:
+            if not self.pixel_spacing > 0:
+                raise ValueError(f"--pixel_spacing must be a positive number of mm, got {self.pixel_spacing}")
+            if self.crop != 1.0:
+                raise ValueError("give --crop or --pixel_spacing, not both: with --pixel_spacing the kept square is "
+                                 "image_size x pixel_spacing mm")
         if self.neighbor_offset < 1:
             raise ValueError(f"--neighbor_offset must be at least 1, got {self.neighbor_offset}")
         if len(parse_windows(self.bone_window, "--bone_window")) != 1:
@@ -149,23 +171,81 @@ def apply_window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
     return scaled.astype(np.uint8)
 
 
-def center_crop(image: np.ndarray, fraction: float) -> np.ndarray:
-    """The centred (round(fraction * rows), round(fraction * cols)) window of a 2-D image, as a view."""
-    if fraction >= 1.0:
-        return image
-    rows, cols = image.shape
-    keep_rows, keep_cols = max(1, round(fraction * rows)), max(1, round(fraction * cols))
-    top, left = (rows - keep_rows) // 2, (cols - keep_cols) // 2
-    return image[top:top + keep_rows, left:left + keep_cols]
+AIR_HU = -1000.0  # what padding adds around a slice
 
 
-def render_slice(hu: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """One HU slice -> uint8 (k, S, S): k = 1 window for 'bone25d', 3 for 'windows'."""
-    small = resize_hu(center_crop(hu, config.crop), config.image_size)
+def field_of_view(shape: tuple[int, int], config: PreprocessConfig, spacing: tuple[float, float] | None = None) -> tuple[int, int]:
+    """(rows, cols) in input pixels of the centred window a slice is resized from.
+
+    Without `config.pixel_spacing`: a square of side crop x the longer side (a non-square slice is padded,
+    never stretched). With it: image_size x pixel_spacing mm on each axis, in pixels of that axis's
+    `spacing` (row spacing, column spacing in mm); ValueError when the slice has no spacing.
+    """
+    if config.pixel_spacing is None:
+        side = max(1, round(config.crop * max(shape)))
+        return side, side
+    if spacing is None or not all(s and s > 0 for s in spacing):
+        raise ValueError(f"--pixel_spacing {config.pixel_spacing} needs the slice's PixelSpacing, and it has none")
+    extent = config.image_size * config.pixel_spacing
+    return max(1, round(extent / spacing[0])), max(1, round(extent / spacing[1]))
+
+
+def centered(image: np.ndarray, rows: int, cols: int, fill: float = AIR_HU) -> np.ndarray:
+    """The centred (rows, cols) window of a 2-D image: cropped where it is smaller (a view when it is
+    only cropped), padded with `fill` where it is larger."""
+    have_rows, have_cols = image.shape
+    if rows <= have_rows and cols <= have_cols:
+        top, left = (have_rows - rows) // 2, (have_cols - cols) // 2
+        return image[top:top + rows, left:left + cols]
+    out = np.full((rows, cols), fill, np.float32)
+    source, target = [], []
+    for have, want in ((have_rows, rows), (have_cols, cols)):
+        if want <= have:
+            start = (have - want) // 2
+            source.append(slice(start, start + want))
+            target.append(slice(0, want))
+        else:
+            start = (want - have) // 2
+            source.append(slice(0, have))
+            target.append(slice(start, start + have))
+    out[tuple(target)] = image[tuple(source)]
+    return out
+
+
+def render_slice(hu: np.ndarray, config: PreprocessConfig, spacing: tuple[float, float] | None = None) -> np.ndarray:
+    """One HU slice -> uint8 (k, S, S): k = 1 window for 'bone25d', 3 for 'windows'.
+
+    `spacing`: the slice's (row, column) pixel spacing in mm, needed with `config.pixel_spacing`.
+    """
+    window = centered(hu, *field_of_view(hu.shape, config, spacing))
+    small = resize_hu(window, config.image_size)
     windows = config.window_list()
     if len(windows) == 1:
         return apply_window(small, *windows[0])[None]
     return np.stack([apply_window(small, c, w) for c, w in windows])
+
+
+def render_volume(refs, config: PreprocessConfig) -> tuple[list[np.ndarray | None], list[tuple[str, int, str]]]:
+    """Read and render the slices `refs` (`vit_spine.study.SliceRef`, in volume order) of one study.
+
+    Returns each slice's `render_slice` result (None where it failed) and the failures as (path, frame,
+    reason). Each file is read once (a multi-frame file in one pass), and each slice is rendered as
+    soon as it is decoded, so memory holds one HU slice whatever the file.
+    """
+    from vit_spine.study import iter_volume_hu
+
+    rendered: list[np.ndarray | None] = [None] * len(refs)
+    problems = []
+    for index, hu in iter_volume_hu(refs):
+        ref = refs[index]
+        if isinstance(hu, Exception):
+            problems.append((str(ref.path), ref.frame, hu.reason))
+            continue
+        try:
+            rendered[index] = render_slice(hu, config, ref.spacing)
+        except ValueError as error:  # --pixel_spacing on a slice without PixelSpacing
+            problems.append((str(ref.path), ref.frame, str(error)))
+    return rendered, problems
 
 
 def stack_channels(rendered: list[np.ndarray], config: PreprocessConfig, out: np.ndarray | None = None) -> np.ndarray:
@@ -188,6 +268,10 @@ def stack_channels(rendered: list[np.ndarray], config: PreprocessConfig, out: np
     return out
 
 
-def preprocess_study(hu_slices: list[np.ndarray], config: PreprocessConfig) -> np.ndarray:
-    """HU slices of one study, sorted by z ascending -> uint8 (n, 3, S, S)."""
-    return stack_channels([render_slice(hu, config) for hu in hu_slices], config)
+def preprocess_study(
+    hu_slices: list[np.ndarray], config: PreprocessConfig, spacings: list[tuple[float, float] | None] | None = None
+) -> np.ndarray:
+    """HU slices of one study, sorted along z ascending -> uint8 (n, 3, S, S); `spacings` per slice for
+    `config.pixel_spacing`."""
+    spacings = spacings or [None] * len(hu_slices)
+    return stack_channels([render_slice(hu, config, s) for hu, s in zip(hu_slices, spacings)], config)

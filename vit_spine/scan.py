@@ -1,20 +1,24 @@
 """`vit-spine scan DATA_DIR --out FILE.parquet`: every DICOM header of a dataset into one slice table.
 
-One row per `.dcm` file under `train_images/` and `test_images/` (columns: `COLUMNS`, described in
-CONTRACTS.md). Headers are read in parallel processes; pixel data is not read. Each slice gets
-vertebra visibility (from the study's segmentation, else from an external per-slice table, else
-unknown) and per-vertebra fracture targets (see `fracture_targets`). Nothing is dropped: an
-unreadable file keeps its row with `problem` set, and every inconsistency of the dataset (labelled
-studies without images, folders without labels, duplicate slice numbers, a segmentation that does
-not fit its study, ...) is listed in a report that is printed and stored in the Parquet metadata
-under the key `vit_spine`.
+Each folder under `train_images/` and `test_images/` is one study, whatever lies inside it. Its files
+are found by content at any depth and assembled into one axial volume by `vit_spine.study.assemble`
+(the rule `chunk` and `predict` share). The table has one row per DICOM image frame found (columns:
+`COLUMNS`, described in CONTRACTS.md): the slices of the chosen volume carry `slice_index` 0..n-1 in
+order along the slice normal; every other frame keeps its row with `slice_index` -1, `left_out` naming
+the reason and `problem` saying it in words. Headers are read in parallel processes, one study per
+task; pixel data is not read. Each slice of a volume gets vertebra visibility (from the study's
+segmentation, else from an external per-slice table, else unknown) and per-vertebra fracture targets
+(see `fracture_targets`). Nothing is dropped silently: files that are not DICOM are counted and named
+in the report, an unreadable file keeps its row with `problem` set, and every inconsistency of the
+dataset (labelled studies without images, folders without labels, duplicate slice numbers, a
+segmentation that does not fit its study, boxes of unknown studies, ...) is listed in a report that is
+printed and stored in the Parquet metadata under the key `vit_spine`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -37,6 +41,7 @@ HEADER_COLUMNS = (
     "rows",
     "columns",
     "pixel_spacing",
+    "pixel_spacing_column",
     "slice_thickness",
     "rescale_slope",
     "rescale_intercept",
@@ -50,8 +55,13 @@ COLUMNS = (
     "StudyInstanceUID",
     "slice_number",
     "path",
+    "frame",
     "image_set",
+    "series_uid",
+    "slice_index",
+    "position",
     *HEADER_COLUMNS,
+    "left_out",
     "problem",
     *VISIBLE_COLUMNS,
     *FRACTURE_COLUMNS,
@@ -61,8 +71,9 @@ COLUMNS = (
     "fold",
 )
 METADATA_KEY = b"vit_spine"
-# slice_number of a file whose name is not `<int>.dcm` (its row also carries a problem).
+# slice_number of a slice with neither a `<int>.dcm` file name nor an InstanceNumber.
 NO_SLICE_NUMBER = -1
+NOT_IN_VOLUME = -1  # slice_index of a row that is not part of its study's volume
 # Slices of a segmentation read at once: bounds memory to about 512 x 512 x 32 voxels.
 SEGMENTATION_SLAB = 32
 ISSUES_PRINTED = 30
@@ -132,26 +143,19 @@ def scan(data_dir: str | Path, config: ScanConfig | None = None) -> pd.DataFrame
         raise FileNotFoundError(f"{data_dir}: no such directory")
     issues = Issues()
     inputs = read_inputs(data_dir, config, issues)
-    files = find_dicom_files(data_dir, issues)
-    if not files:
-        raise ValueError(f"{data_dir}: no .dcm files under train_images/ or test_images/")
-    check_study_lists(data_dir, files, inputs, issues)
+    folders = find_study_folders(data_dir, issues)
+    if not folders:
+        raise ValueError(f"{data_dir}: no study folder under train_images/ or test_images/")
+    scanned = scan_studies(folders, config.workers, config.progress)
+    if not any(len(s.rows) for s in scanned):
+        raise ValueError(f"{data_dir}: no DICOM file in the study folders under train_images/ or test_images/")
+    check_study_lists(data_dir, scanned, inputs, issues)
 
-    headers = read_headers([f["path"] for f in files], config.workers, config.progress)
-    table = pd.DataFrame([{**f, **h} for f, h in zip(files, headers)])
-    mark_duplicate_slice_numbers(table, issues)
-    table["set_order"] = table["image_set"].map(IMAGE_SETS.index)  # train studies first
-    table = table.sort_values(["set_order", "StudyInstanceUID", "slice_number", "path"], ignore_index=True)
-
-    studies = [
-        label_study(data_dir, image_set, uid, group, inputs, issues)
-        for (image_set, uid), group in tqdm(
-            table.groupby(["image_set", "StudyInstanceUID"], sort=False),
-            desc="studies",
-            unit="study",
-            disable=not config.progress,
-        )
-    ]
+    studies = []
+    for study in tqdm(scanned, desc="labels", unit="study", disable=not config.progress):
+        report_volume(study, issues)
+        if len(study.rows):
+            studies.append(label_study(data_dir, study, inputs, issues))
     df = pd.concat([s.rows for s in studies], ignore_index=True)[list(COLUMNS)]
     report = build_report(df, studies, issues)
     df.attrs["vit_spine"] = {"data_dir": str(data_dir), "report": report}
@@ -215,156 +219,120 @@ def read_inputs(data_dir: Path, config: ScanConfig, issues: Issues) -> Inputs:
     return Inputs(labels=labels, boxes=boxes, test_table=test_table, vertebrae=vertebrae)
 
 
-def find_dicom_files(data_dir: Path, issues: Issues) -> list[dict[str, Any]]:
-    """Every `.dcm` file under `<set>_images/<uid>/` (any depth) as {StudyInstanceUID, image_set, path, slice_number}."""
-    files = []
+@dataclass
+class StudyFolder:
+    image_set: str
+    uid: str  # the folder's name (the RSNA convention)
+    path: str
+
+
+def find_study_folders(data_dir: Path, issues: Issues) -> list[StudyFolder]:
+    """Each folder directly under `<set>_images/` is one study (named by the folder), whatever lies inside it.
+    A file directly under `<set>_images/` belongs to no study: reported, not read."""
+    folders = []
     for image_set in IMAGE_SETS:
         root = data_dir / f"{image_set}_images"
         if not root.is_dir():
             continue
         for entry in sorted(root.iterdir()):
-            if entry.is_file():
-                if entry.suffix.lower() == ".dcm":
-                    files.append(_file_entry("", image_set, entry))
-                    issues.add("", "outside_study_folder", f"{entry} is not inside a study folder")
-                else:
-                    issues.add("", "ignored_file", f"{entry} is not a .dcm file")
-                continue
-            found = sorted(p for p in entry.rglob("*") if p.is_file())
-            dicoms = [p for p in found if p.suffix.lower() == ".dcm"]
-            if len(dicoms) < len(found):
-                issues.add(entry.name, "ignored_files", f"{len(found) - len(dicoms)} file(s) in {entry} are not .dcm")
-            if not dicoms:
-                issues.add(entry.name, "empty_folder", f"{entry} has no .dcm file")
-            files += [_file_entry(entry.name, image_set, p) for p in dicoms]
-    return files
+            if entry.is_dir():
+                folders.append(StudyFolder(image_set, entry.name, str(entry.resolve())))
+            else:
+                issues.add("", "outside_study_folder", f"{entry} is not inside a study folder: not read")
+    return folders
 
 
-def _file_entry(uid: str, image_set: str, path: Path) -> dict[str, Any]:
-    slice_number = int(path.stem) if path.stem.isdigit() else NO_SLICE_NUMBER  # the rule of dicom.read_header
-    return {"StudyInstanceUID": uid, "image_set": image_set, "path": str(path.resolve()), "slice_number": slice_number}
+@dataclass
+class ScannedStudy:
+    """One study folder read and assembled: its rows (one per DICOM image frame) and what assembly said."""
+
+    folder: StudyFolder
+    rows: pd.DataFrame
+    volume: dict[str, Any]  # chosen / other series, notes, left-out counts, error (for the report)
+    not_dicom: list[str]  # files that are not DICOM
 
 
-def check_study_lists(data_dir: Path, files: list[dict[str, Any]], inputs: Inputs, issues: Issues) -> None:
-    """Report labelled studies without images, image folders without labels and unused segmentations."""
-    folders = {s: {f["StudyInstanceUID"] for f in files if f["image_set"] == s} - {""} for s in IMAGE_SETS}
-    for path in sorted((data_dir / "segmentations").glob("*.nii*")):
-        uid = path.name.removesuffix(".gz").removesuffix(".nii")
-        if uid not in folders["train"] | folders["test"]:
-            issues.add(uid, "segmentation_without_images", f"{path.name} matches no study folder: unused")
-    if inputs.labels is not None:
-        labeled = set(inputs.labels["StudyInstanceUID"])
-        for uid in sorted(labeled - folders["train"]):
-            issues.add(uid, "missing_images", "listed in train.csv but has no .dcm under train_images/")
-        for uid in sorted(folders["train"] - labeled):
-            issues.add(uid, "unlabeled_folder", "train_images/ folder has no row in train.csv")
-    if inputs.test_table is not None:
-        listed = set(inputs.test_table["StudyInstanceUID"])
-        for uid in sorted(listed - folders["test"]):
-            issues.add(uid, "missing_images", "listed in test.csv but has no .dcm under test_images/")
-        for uid in sorted(folders["test"] - listed):
-            issues.add(uid, "unlisted_test_folder", "test_images/ folder is not listed in test.csv")
-    if inputs.vertebrae:
-        unknown = set(inputs.vertebrae) - folders["train"] - folders["test"]
-        if unknown:
-            issues.add("", "table_studies_without_images", f"{len(unknown)} study(ies) of the vertebrae table have no images")
+def scan_studies(folders: list[StudyFolder], workers: int, progress: bool = True) -> list[ScannedStudy]:
+    """`scan_study_folder` of every folder, in `workers` processes (one study per task), in order."""
+    bar = {"total": len(folders), "desc": "studies", "unit": "study", "disable": not progress}
+    if workers <= 1 or len(folders) < 2:
+        return [scan_study_folder(f) for f in tqdm(folders, **bar)]
+    with ProcessPoolExecutor(max_workers=min(workers, len(folders))) as pool:
+        return list(tqdm(pool.map(scan_study_folder, folders), **bar))
 
 
-# ---------------------------------------------------------------- headers
+def scan_study_folder(folder: StudyFolder) -> ScannedStudy:
+    """Read every file's header below one study folder and assemble its volume (`vit_spine.study`)."""
+    from vit_spine import study
+
+    reads = [study.read_file(path) for path in study.find_files(folder.path)]
+    assembly = study.assemble(reads)
+    rows = study_rows(folder, reads, assembly)
+    volume = {
+        "slices": len(assembly.slices),
+        "series": assembly.chosen.describe() if assembly.chosen else None,
+        "other_series": [s.describe() for s in assembly.others],
+        "notes": assembly.notes,
+        "left_out": dict(Counter(item.kind for item in assembly.left_out if item.kind != "not_dicom")),
+        "error": assembly.error,
+    }
+    not_dicom = [item.path for item in assembly.left_out if item.kind == "not_dicom"]
+    return ScannedStudy(folder, rows, volume, not_dicom)
 
 
-def read_headers(paths: list[str], workers: int, progress: bool = True) -> list[dict[str, Any]]:
-    """`read_header_row` of every path, in `workers` processes, in the order of `paths`."""
-    bar = {"total": len(paths), "desc": "headers", "unit": "file", "disable": not progress}
-    if workers <= 1 or len(paths) < 2:
-        return [read_header_row(p) for p in tqdm(paths, **bar)]
-    chunksize = max(1, min(256, len(paths) // (workers * 8)))
-    with ProcessPoolExecutor(max_workers=min(workers, len(paths))) as pool:
-        return list(tqdm(pool.map(read_header_row, paths, chunksize=chunksize), **bar))
+def study_rows(folder: StudyFolder, reads, assembly) -> pd.DataFrame:
+    """One row per DICOM image frame of the study: header fields, slice_index in the volume (or -1), problem."""
+    from vit_spine import study
+
+    index = {(h.path, h.frame): (i, p) for i, (h, p) in enumerate(zip(assembly.slices, assembly.positions))}
+    left_out = {(item.path, item.frame): item for item in assembly.left_out}
+    rows = []
+    for read in reads:
+        if read.not_dicom:
+            continue
+        base = {"StudyInstanceUID": folder.uid, "image_set": folder.image_set, "path": read.path}
+        if read.error:  # a DICOM file whose header cannot be read: one row, the reason as its problem
+            rows.append({**base, **_empty_header(), "slice_number": _file_number(read.path), "frame": 0,
+                         "left_out": "unreadable", "problem": read.error})
+            continue
+        for header in read.headers:
+            row = {**base, **header_fields(header), "slice_number": study.slice_number(header), "frame": header.frame}
+            key = (header.path, header.frame)
+            if key in index:
+                row["slice_index"], row["position"] = index[key][0], _number(index[key][1])
+                row["left_out"], row["problem"] = "", header.pixel_problem
+            else:
+                item = left_out.get((header.path, header.frame if header.number_of_frames > 1 else None))
+                row["left_out"] = item.kind if item else "unknown"
+                row["problem"] = "; ".join(p for p in (item.reason if item else "left out", header.pixel_problem) if p)
+            rows.append(row)
+    frame = pd.DataFrame(rows, columns=list(ROW_COLUMNS))
+    return frame.astype({"slice_number": "int64", "frame": "int64", "slice_index": "int64"})
 
 
-def read_header_row(path: str) -> dict[str, Any]:
-    """Header fields of one file for the table; on any failure NaN fields and `problem` = the reason."""
-    from vit_spine.dicom import read_header
+# What `study_rows` gives: the header part of COLUMNS, plus the StudyInstanceUID the file itself carries.
+ROW_COLUMNS = ("StudyInstanceUID", "slice_number", "path", "frame", "image_set", "series_uid", "slice_index", "position",
+               *HEADER_COLUMNS, "left_out", "problem", "header_study_uid")
 
-    row: dict[str, Any] = {column: np.nan for column in HEADER_COLUMNS}
-    row["transfer_syntax"] = None
-    row["header_study_uid"] = None
-    try:
-        header = read_header(path)
-        problem = pixel_data_problem(path)
-    except Exception as error:  # noqa: BLE001 - one bad file is recorded on its row, never fatal
-        row["problem"] = getattr(error, "reason", None) or f"{type(error).__name__}: {error}"
-        return row
-    if problem:
-        row["problem"] = problem
-        return row
-    for column in HEADER_COLUMNS:
-        value = getattr(header, column)
-        row[column] = (str(value) if value is not None else None) if column == "transfer_syntax" else _number(value)
+
+def header_fields(header) -> dict[str, Any]:
+    row: dict[str, Any] = {column: _number(getattr(header, column)) for column in HEADER_COLUMNS if column != "transfer_syntax"}
+    row["transfer_syntax"] = header.transfer_syntax or None
+    row["series_uid"] = header.series_uid
     row["header_study_uid"] = header.study_uid
-    row["problem"] = "" if np.isfinite(row["z"]) else "no ImagePositionPatient: z unknown"
+    row["slice_index"], row["position"] = NOT_IN_VOLUME, np.nan
     return row
 
 
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_EXPLICIT_BE = "1.2.840.10008.1.2.2"
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
-_PIXEL_DATA = (0x7FE0, 0x0010)
-_ITEM, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
-_UNDEFINED_LENGTH = 0xFFFFFFFF
+def _empty_header() -> dict[str, Any]:
+    row: dict[str, Any] = {column: np.nan for column in HEADER_COLUMNS}
+    row.update(transfer_syntax=None, series_uid=None, header_study_uid=None, slice_index=NOT_IN_VOLUME, position=np.nan)
+    return row
 
 
-def pixel_data_problem(path: str | Path) -> str:
-    """"" when the file holds its whole Pixel Data element, else what is wrong with it.
-
-    A header-only read cannot see a file cut short inside its pixel data (an interrupted copy), and
-    decoding every slice here would cost a full read of the dataset. So this walks element and item
-    headers only: a defined length must fit in the file; encapsulated fragments must fit and end
-    with the sequence delimiter. It relies on pydicom leaving the file at the Pixel Data tag after a
-    `stop_before_pixels` read; when it is elsewhere (or the dataset is deflated) nothing is checked.
-    """
-    import pydicom
-
-    size = os.path.getsize(path)
-    with open(path, "rb") as fp:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True)
-        syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
-        if syntax == _DEFLATED:
-            return ""
-        endian = ">" if syntax == _EXPLICIT_BE else "<"
-        start = fp.tell()
-        head = fp.read(8)
-        if len(head) < 8:
-            return "no Pixel Data element (file truncated?)"
-        if struct.unpack(f"{endian}HH", head[:4]) != _PIXEL_DATA:
-            return ""
-        if syntax == _IMPLICIT_LE:
-            (length,), value_start = struct.unpack("<I", head[4:]), start + 8
-        elif head[4:6] in _LONG_LENGTH_VRS:
-            more = fp.read(4)
-            if len(more) < 4:
-                return "file truncated in the Pixel Data element header"
-            (length,), value_start = struct.unpack(f"{endian}I", more), start + 12
-        else:
-            (length,), value_start = struct.unpack(f"{endian}H", head[6:]), start + 8
-        if length != _UNDEFINED_LENGTH:
-            present = size - value_start
-            return "" if present >= length else f"file truncated: Pixel Data has {present} of its {length} bytes"
-        fp.seek(value_start)
-        while True:  # encapsulated (always little endian): items, then the sequence delimiter
-            item = fp.read(8)
-            if len(item) < 8:
-                return "file truncated: encapsulated Pixel Data ends without its sequence delimiter"
-            group, element, length = struct.unpack("<HHI", item)
-            if (group, element) == _SEQUENCE_END:
-                return ""
-            if (group, element) != _ITEM:
-                return f"corrupt encapsulated Pixel Data: tag ({group:04X},{element:04X}) where an item should be"
-            if fp.tell() + length > size:
-                return "file truncated inside an encapsulated Pixel Data fragment"
-            fp.seek(length, os.SEEK_CUR)
+def _file_number(path: str) -> int:
+    stem = Path(path).stem
+    return int(stem) if stem.isdigit() else NO_SLICE_NUMBER
 
 
 def _number(value: Any) -> float:
@@ -374,18 +342,61 @@ def _number(value: Any) -> float:
         return np.nan
 
 
-def mark_duplicate_slice_numbers(table: pd.DataFrame, issues: Issues) -> None:
-    """Flag files of one study that share a slice number (e.g. `7.dcm` and `007.dcm`, or nested folders)."""
-    key = ["image_set", "StudyInstanceUID", "slice_number"]
-    valid = table["slice_number"] != NO_SLICE_NUMBER
-    duplicated = valid & table.duplicated(key, keep=False)
-    for (_, uid, number), group in table[duplicated].groupby(key):
-        issues.add(uid, "duplicate_slice_number", f"slice_number {number} is used by {len(group)} files")
-    table.loc[duplicated, "problem"] = [
-        _join(p, f"duplicate slice_number {n} in its study") for p, n in zip(table.loc[duplicated, "problem"], table.loc[duplicated, "slice_number"])
+def check_study_lists(data_dir: Path, studies: list[ScannedStudy], inputs: Inputs, issues: Issues) -> None:
+    """Report labelled studies without images, image folders without labels, unused segmentations and
+    box rows of studies that do not exist."""
+    folders = {s: {x.folder.uid for x in studies if x.folder.image_set == s and x.volume["slices"]} for s in IMAGE_SETS}
+    for path in sorted((data_dir / "segmentations").glob("*.nii*")):
+        uid = path.name.removesuffix(".gz").removesuffix(".nii")
+        if uid not in folders["train"] | folders["test"]:
+            issues.add(uid, "segmentation_without_images", f"{path.name} matches no study folder with images: unused")
+    if inputs.labels is not None:
+        labeled = set(inputs.labels["StudyInstanceUID"])
+        for uid in sorted(labeled - folders["train"]):
+            issues.add(uid, "missing_images", "listed in train.csv but has no usable CT volume under train_images/")
+        for uid in sorted(folders["train"] - labeled):
+            issues.add(uid, "unlabeled_folder", "train_images/ folder has no row in train.csv")
+    for uid in sorted(set(inputs.boxes_by_study) - folders["train"]):
+        rows = len(inputs.boxes_by_study[uid])
+        issues.add(uid, "boxes_without_images", f"{rows} row(s) of train_bounding_boxes.csv name a study with no images: unused")
+    if inputs.test_table is not None:
+        listed = set(inputs.test_table["StudyInstanceUID"])
+        for uid in sorted(listed - folders["test"]):
+            issues.add(uid, "missing_images", "listed in test.csv but has no usable CT volume under test_images/")
+        for uid in sorted(folders["test"] - listed):
+            issues.add(uid, "unlisted_test_folder", "test_images/ folder is not listed in test.csv")
+    if inputs.vertebrae:
+        unknown = set(inputs.vertebrae) - folders["train"] - folders["test"]
+        if unknown:
+            issues.add("", "table_studies_without_images", f"{len(unknown)} study(ies) of the vertebrae table have no images")
+
+
+def report_volume(study: ScannedStudy, issues: Issues) -> None:
+    """Issues for what the study assembly left out, noted or could not do."""
+    uid, volume = study.folder.uid, study.volume
+    if study.not_dicom:
+        names = ", ".join(Path(p).name for p in study.not_dicom[:3])
+        issues.add(uid, "not_dicom", f"{len(study.not_dicom)} file(s) are not DICOM and were not read (e.g. {names})")
+    if volume["error"]:
+        issues.add(uid, "no_volume", volume["error"])
+        return
+    for kind, count in volume["left_out"].items():
+        first = study.rows.loc[study.rows["left_out"] == kind, "problem"]
+        issues.add(uid, f"left_out_{kind}", f"{count} slice(s): {first.iloc[0] if len(first) else kind}")
+    for note in volume["notes"]:
+        issues.add(uid, "volume_note", note)
+
+
+def mark_duplicate_slice_numbers(uid: str, rows: pd.DataFrame, issues: Issues) -> None:
+    """Flag slices of one volume that share a slice number (boxes and segmentations address slices by it)."""
+    numbered = (rows["slice_index"] != NOT_IN_VOLUME) & (rows["slice_number"] != NO_SLICE_NUMBER)
+    duplicated = pd.Series(False, index=rows.index)
+    duplicated[numbered] = rows.loc[numbered].duplicated("slice_number", keep=False)
+    for number, group in rows[duplicated].groupby("slice_number"):
+        issues.add(uid, "duplicate_slice_number", f"slice_number {number} is used by {len(group)} slices of the volume")
+    rows.loc[duplicated, "problem"] = [
+        _join(p, f"duplicate slice_number {n} in its study") for p, n in zip(rows.loc[duplicated, "problem"], rows.loc[duplicated, "slice_number"])
     ]
-    bad_name = ~valid
-    table.loc[bad_name, "problem"] = [_join(p, "file name is not <slice_number>.dcm") for p in table.loc[bad_name, "problem"]]
 
 
 def _join(first: str, second: str) -> str:
@@ -401,34 +412,48 @@ class StudyResult:
     summary: dict[str, Any]
 
 
-def label_study(data_dir: Path, image_set: str, uid: str, rows: pd.DataFrame, inputs: Inputs, issues: Issues) -> StudyResult:
-    """Visibility, fracture targets and study labels for the rows of one study (sorted by slice_number)."""
-    rows = rows.reset_index(drop=True)
+def label_study(data_dir: Path, study: ScannedStudy, inputs: Inputs, issues: Issues) -> StudyResult:
+    """Visibility, fracture targets and study labels for the rows of one study.
+
+    Only the slices of the volume (`slice_index` >= 0) get visibility and fracture targets; the rows
+    left out keep NaN and "unknown", and the study's labels.
+    """
+    image_set, uid = study.folder.image_set, study.folder.uid
+    rows = study.rows.sort_values(["slice_number", "path", "frame"], kind="stable", ignore_index=True)
+    mark_duplicate_slice_numbers(uid, rows, issues)
     check_study_headers(uid, rows, issues)
-    visible, sources = study_visibility(data_dir, uid, rows, inputs, issues)
+    in_volume = (rows["slice_index"] != NOT_IN_VOLUME).to_numpy()
+    volume = rows[in_volume].reset_index(drop=True)
+    visible, sources = study_visibility(data_dir, uid, volume, inputs, issues)
     study_labels, fold = inputs.labels_by_study.get(uid, (None, np.nan)) if image_set == "train" else (None, np.nan)
     boxes = inputs.boxes_by_study.get(uid, inputs.boxes.iloc[:0]) if image_set == "train" else inputs.boxes.iloc[:0]
     box_slices = None
     if len(boxes):
-        box_slices = rows["slice_number"].isin(boxes["slice_number"]).to_numpy()
-        check_boxes(uid, rows, boxes, visible, box_slices, study_labels, issues)
+        box_slices = volume["slice_number"].isin(boxes["slice_number"]).to_numpy()
+        check_boxes(uid, volume, boxes, visible, box_slices, study_labels, issues)
     fracture, fracture_source = fracture_targets(visible, study_labels, box_slices)
 
-    rows[list(VISIBLE_COLUMNS)] = visible
-    rows[list(FRACTURE_COLUMNS)] = fracture
-    rows["visibility_source"] = sources
-    rows["fracture_source"] = fracture_source
+    all_visible = np.full((len(rows), len(VERTEBRAE)), np.nan)
+    all_fracture = np.full((len(rows), len(VERTEBRAE)), np.nan)
+    all_visible[in_volume], all_fracture[in_volume] = visible, fracture
+    rows[list(VISIBLE_COLUMNS)] = all_visible
+    rows[list(FRACTURE_COLUMNS)] = all_fracture
+    rows["visibility_source"] = "unknown"
+    rows.loc[in_volume, "visibility_source"] = sources
+    rows["fracture_source"] = np.where(in_volume, fracture_source, "unknown")
     rows[list(LABEL_COLUMNS)] = np.tile(np.full(len(LABEL_COLUMNS), np.nan) if study_labels is None else study_labels, (len(rows), 1))
     rows["fold"] = fold
     summary = {
         "StudyInstanceUID": uid,
         "image_set": image_set,
-        "slices": len(rows),
-        "problems": int((rows["problem"] != "").sum()),
+        "slices": int(in_volume.sum()),
+        "left_out": int((~in_volume).sum()),
+        "problems": int(((rows["problem"] != "") & in_volume).sum()),
         "labeled": study_labels is not None,
         "box_slices": int(box_slices.sum()) if box_slices is not None else 0,
         "visibility_source": dict(Counter(sources)),
         "fracture_source": fracture_source,
+        "volume": study.volume,
         "issues": issues.of_study(uid) if uid else [],
     }
     return StudyResult(rows=rows, summary=summary)
@@ -509,8 +534,9 @@ def segmentation_visibility(path: Path, rows: pd.DataFrame) -> np.ndarray:
     """Visibility (n, 7) of the study's rows (sorted by slice_number) from its segmentation.
 
     The segmentation's third axis runs along the slices sorted by slice_number, reversed when z
-    decreases with slice_number (DESIGN.md: mask = seg[:, ::-1, ::-1].transpose(2, 1, 0) then, else
-    seg[:, ::-1].transpose(2, 1, 0); the in-plane flips do not change which labels a slice holds).
+    decreases with slice_number (the rule public RSNA 2022 solutions used on the real data: the mask is
+    seg[:, ::-1, ::-1].transpose(2, 1, 0) then, else seg[:, ::-1].transpose(2, 1, 0); the in-plane flips
+    do not change which labels a slice holds).
     Rows without a usable slice number stay NaN. Raises SegmentationMismatch when the slice counts
     differ or the z direction cannot be told.
     """
@@ -520,7 +546,8 @@ def segmentation_visibility(path: Path, rows: pd.DataFrame) -> np.ndarray:
     if len(presence) != len(distinct):
         raise SegmentationMismatch(
             "segmentation_mismatch",
-            f"{path.name} has {len(presence)} slices but the study has {len(distinct)}: visibility left unknown",
+            f"{path.name} has {len(presence)} slices but the study's volume has {len(distinct)} numbered slices: "
+            "visibility left unknown",
         )
     if len(distinct) > 1:
         if z_decreases_with_slice_number(rows):
@@ -532,12 +559,13 @@ def segmentation_visibility(path: Path, rows: pd.DataFrame) -> np.ndarray:
 
 
 def z_decreases_with_slice_number(rows: pd.DataFrame) -> bool:
-    """Whether z falls from the lowest to the highest slice number (rows with a readable z only)."""
-    known = rows[np.isfinite(rows["z"].to_numpy(dtype=float)) & (rows["slice_number"] != NO_SLICE_NUMBER)]
+    """Whether the position along the slice normal (z for an axial stack) falls from the lowest to the
+    highest slice number (rows with a position only)."""
+    known = rows[np.isfinite(rows["position"].to_numpy(dtype=float)) & (rows["slice_number"] != NO_SLICE_NUMBER)]
     known = known.sort_values("slice_number")
-    if len(known) < 2 or known["z"].iloc[0] == known["z"].iloc[-1]:
+    if len(known) < 2 or known["position"].iloc[0] == known["position"].iloc[-1]:
         raise SegmentationMismatch("z_direction_unknown", "cannot tell whether z rises or falls with slice_number")
-    return bool(known["z"].iloc[-1] < known["z"].iloc[0])
+    return bool(known["position"].iloc[-1] < known["position"].iloc[0])
 
 
 def segmentation_presence(path: Path) -> np.ndarray:
@@ -562,15 +590,18 @@ def segmentation_presence(path: Path) -> np.ndarray:
 
 
 def check_study_headers(uid: str, rows: pd.DataFrame, issues: Issues) -> None:
-    """Report files whose StudyInstanceUID is not their folder's, and z that is not monotonic in slice_number."""
+    """Report files whose StudyInstanceUID is not their folder's, and volumes whose position along the
+    normal is not monotonic in slice_number (rows sorted by slice_number)."""
     header_uids = rows["header_study_uid"].dropna()
+    header_uids = header_uids[header_uids != ""]
     others = sorted(set(header_uids) - {uid})
     if uid and others:
         issues.add(uid, "uid_mismatch", f"{int((header_uids != uid).sum())} file(s) carry StudyInstanceUID {others[0]}")
-    z = rows.loc[rows["slice_number"] != NO_SLICE_NUMBER, "z"].dropna().to_numpy()
-    steps = np.diff(z)
+    numbered = (rows["slice_number"] != NO_SLICE_NUMBER) & (rows["slice_index"] != NOT_IN_VOLUME)
+    position = rows.loc[numbered, "position"].dropna().to_numpy()
+    steps = np.diff(position)
     if len(steps) and not ((steps > 0).all() or (steps < 0).all()):
-        issues.add(uid, "z_not_monotonic", "z does not rise or fall steadily with slice_number (repeated or shuffled)")
+        issues.add(uid, "z_not_monotonic", "the slice position does not rise or fall steadily with slice_number (repeated or shuffled)")
 
 
 def check_boxes(
@@ -602,14 +633,19 @@ def check_boxes(
 
 
 def build_report(df: pd.DataFrame, studies: list[StudyResult], issues: Issues) -> dict[str, Any]:
-    problems = df[df["problem"] != ""]
+    in_volume = df["slice_index"] != NOT_IN_VOLUME
+    problems = df[in_volume & (df["problem"] != "")]
+    left_out = df[~in_volume]
     return {
         "studies": {s: int(df.loc[df["image_set"] == s, "StudyInstanceUID"].nunique()) for s in IMAGE_SETS},
-        "slices": {s: int((df["image_set"] == s).sum()) for s in IMAGE_SETS},
+        "slices": {s: int(((df["image_set"] == s) & in_volume).sum()) for s in IMAGE_SETS},
         "problem_slices": len(problems),
-        "visibility_source": {k: int(v) for k, v in df["visibility_source"].value_counts().items()},
-        "fracture_source": {k: int(v) for k, v in df["fracture_source"].value_counts().items()},
-        "problems": [{"path": p, "reason": r} for p, r in zip(problems["path"], problems["problem"])],
+        "left_out_slices": len(left_out),
+        "left_out_reasons": {k: int(v) for k, v in left_out["left_out"].value_counts().items()},
+        "visibility_source": {k: int(v) for k, v in df.loc[in_volume, "visibility_source"].value_counts().items()},
+        "fracture_source": {k: int(v) for k, v in df.loc[in_volume, "fracture_source"].value_counts().items()},
+        "problems": [{"path": p, "frame": int(f), "reason": r} for p, f, r in zip(problems["path"], problems["frame"], problems["problem"])],
+        "left_out": [{"path": p, "frame": int(f), "reason": r} for p, f, r in zip(left_out["path"], left_out["frame"], left_out["problem"])],
         "issues": [{"study": uid, "kind": kind, "detail": detail} for uid, kind, detail in issues.items],
         "issue_counts": dict(Counter(kind for _, kind, _ in issues.items)),
         "per_study": [s.summary for s in studies],
@@ -629,6 +665,7 @@ def format_report(report: dict[str, Any], data_dir: Path) -> str:
             "set": image_set,
             "studies": len(studies),
             "slices": int(studies["slices"].sum()),
+            "left_out": int(studies["left_out"].sum()),
             "problems": int(studies["problems"].sum()),
             "labeled": int(studies["labeled"].sum()),
         }
@@ -642,7 +679,10 @@ def format_report(report: dict[str, Any], data_dir: Path) -> str:
             row[f"studies:{source}"] = int(fracture.get(source, 0))
         table.append(row)
     lines.append(pd.DataFrame(table).to_string(index=False))
-    lines.append("(vis:* count slices; studies:* count studies by fracture-target rule)")
+    lines.append("(slices: in the studies' volumes; left_out: other frames found, each with its reason; "
+                 "vis:* count slices; studies:* count studies by fracture-target rule)")
+    reasons = ", ".join(f"{kind} {count}" for kind, count in report["left_out_reasons"].items())
+    lines.append(f"left out: {report['left_out_slices']} slice(s)" + (f" ({reasons})" if reasons else ""))
     for title, items in (
         ("problem slices", [f"{p['path']}: {p['reason']}" for p in report["problems"]]),
         ("issues", [f"{i['kind']:<30} {i['study'] or '-'}: {i['detail']}" for i in report["issues"]]),

@@ -2,9 +2,9 @@
 
 Three ways through the same studies, timed in interleaved repetitions (the order rotates every
 repetition), after one untimed warm-up pass that also caches the preprocessed pixels:
-- end to end: what `vit-spine predict` does per study (read_study -> preprocess_study -> model ->
+- end to end: what `vit-spine predict` does per study (study assembly -> preprocess_study -> model ->
   pooling and calibration), with `--workers` decoding processes;
-- decode only: read_study -> preprocess_study (the CPU side);
+- decode only: study assembly -> preprocess_study (the CPU side);
 - model only: the forward passes on the cached pixels (the accelerator side).
 The ratio printed first is end-to-end slices/s over model-only slices/s: how close the whole pipeline
 comes to the model's own speed. Rates are medians over repetitions.
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.model_config:
         write_random_checkpoint(Path(config.checkpoint), config.model_config, config.image_size)
     predictor = load_predictor(config.checkpoint, config.device)
-    folders, _ = find_study_folders([config.dir])
+    folders = find_study_folders([config.dir])
     if config.limit:
         folders = folders[: config.limit]
 
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"end to end / model only (slices/s): {rate['end to end'] / rate['model only']:.2f}x")
     print(
-        f"decoding (read_study + preprocess) is {100 * share:.0f}% of end-to-end time"
+        f"decoding (study assembly + preprocess) is {100 * share:.0f}% of end-to-end time"
         + (" (summed over the workers, so it can exceed 100%)" if config.workers else "")
     )
     print(f"\n{'':<14} {'studies/s':>10} {'slices/s':>10} {'seconds':>9}")
