@@ -34,7 +34,7 @@ def small_chunks(synth_data, tmp_path_factory):
 def test_bench_lists_the_benchmarks_and_refuses_an_unknown_one(capsys):
     assert cli.main(["bench"]) == 0
     listing = capsys.readouterr().out
-    for name in ("decode", "loader", "chunk", "train", "predict"):
+    for name in ("decode", "scan", "loader", "chunk", "train", "predict"):
         assert f"  {name} " in listing
     assert cli.main(["bench", "nonsense"]) == 2
     assert "unknown benchmark 'nonsense'" in capsys.readouterr().err
@@ -59,6 +59,15 @@ def test_bench_chunk_reports_overhead_over_decoding_and_filters_by_transfer_synt
     assert "peak RSS" in out and "GB per 15k-slice shard" in out
     assert cli.main(["bench", "chunk", str(synth_data), "--transfer_syntax", "1.2.3", "--tmp", str(tmp_path)]) == 2
     assert "no slice in transfer syntax 1.2.3" in capsys.readouterr().err
+
+
+def test_bench_scan_times_the_header_pass_against_a_bare_header_parse(synth_data, capsys):
+    assert cli.main(["bench", "scan", str(synth_data), "--repeats", "2", "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"scan header pass / bare header parse time: [\d.]+x  \(3 studies, 120 DICOM files, 120 slices", out)
+    assert len(re.findall(r"^  repeat \d/2: ours +\d+ slices/s, bare pydicom header parse +\d+ files/s$", out, re.M)) == 2
+    assert cli.main(["bench", "scan", str(synth_data / "segmentations")]) == 2
+    assert "no study folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 BENCHMARKS = {
     "decode": "DICOM decoding: read_hu vs pydicom+gdcm vs pydicom+pylibjpeg",
+    "scan": "the scan's header pass (find, parse, check, assemble) slices/s vs a bare pydicom header parse",
     "loader": "ShardDataset random batches vs numpy memmap vs datasets with_format('torch')",
     "chunk": "end-to-end chunking slices/s vs bare decoding, and peak RSS",
     "train": "Trainer img/s vs a plain PyTorch loop on the same model and data",
