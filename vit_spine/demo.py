@@ -35,6 +35,11 @@ class DemoConfig:
         default=0.65,
         metadata={"help": "centred part of each slice kept before resizing (chunk --crop): the spine gets more pixels."},
     )
+    pixel_spacing: float | None = field(
+        default=None,
+        metadata={"help": "resample every slice to this many mm per pixel (chunk --pixel_spacing) instead of the crop; "
+                  "the synthetic studies' fields of view vary from 140 to 200 mm."},
+    )
     val_fraction: float = field(default=0.2, metadata={"help": "share of the training studies held out for validation."})
     shard_size: int = field(default=2000, metadata={"help": "slices per training shard."})
     patch_size: int = field(
@@ -54,6 +59,13 @@ def run_step(title: str, name: str, command: list[str]) -> None:
     code = cli.main([name, *command])
     if code:
         raise SystemExit(f"demo: `{shown}` failed with exit code {code}")
+
+
+def framing(config: DemoConfig) -> list[str]:
+    """chunk's options for what part of each slice the model sees: a physical pixel size, or the crop."""
+    if config.pixel_spacing is not None:
+        return ["--pixel-spacing", str(config.pixel_spacing)]
+    return ["--crop", str(config.crop)]
 
 
 def write_vertebrae_table(data: Path, out: Path) -> Path:
@@ -88,8 +100,8 @@ def run_demo(config: DemoConfig) -> None:
     run_step("2. slice table", "scan", [str(data), "--out", str(table), "--vertebrae-table", str(vertebrae), "--no-progress"])
     run_step("3. shards", "chunk", [
         str(data), "--slice-table", str(table), "--out", str(chunks), "--shard-size", str(config.shard_size),
-        "--image-size", str(config.image_size), "--crop", str(config.crop), "--val-fraction", str(config.val_fraction), "--ignore-folds", "--seed", str(config.seed),
-        "--no-progress",
+        "--image-size", str(config.image_size), *framing(config), "--val-fraction", str(config.val_fraction),
+        "--ignore-folds", "--seed", str(config.seed), "--no-progress",
     ])
     run_step("4. incremental training (tiny ViT)", "train", [
         "--chunks", str(chunks), "--output", str(output), "--model-config", "tiny", "--patch-size", str(config.patch_size),
