@@ -56,16 +56,18 @@ def create_model(
     )
     if model_config is not None:
         if model_config not in MODEL_CONFIGS:
-            raise ValueError(f"--model-config {model_config!r}: choose from {', '.join(MODEL_CONFIGS)}")
+            raise ValueError(f"--model_config {model_config!r}: choose from {', '.join(MODEL_CONFIGS)}")
         sizes = dict(MODEL_CONFIGS[model_config])
         if patch_size is not None:
-            if image_size % patch_size:
-                raise ValueError(f"--patch-size {patch_size} does not divide the image size {image_size}")
+            if patch_size < 1 or image_size % patch_size:
+                raise ValueError(f"--patch_size {patch_size} does not divide the image size {image_size}: choose a "
+                                 f"divisor of {image_size}")
             sizes["patch_size"] = patch_size
         config = ViTConfig(image_size=image_size, num_channels=3, **sizes, **common)
         torch.manual_seed(seed)
         return ViTForImageClassification(config).to(memory_format=torch.contiguous_format)
     name = model_name_or_path or DEFAULT_PRETRAINED
+    check_model_folder(name)
     try:
         config = ViTConfig.from_pretrained(name)
     except OSError as err:
@@ -86,13 +88,39 @@ def create_model(
     )
 
 
+def check_model_folder(name: str) -> None:
+    """A `--model` that is a local path must be a folder saved with `save_pretrained`. Without this, a
+    folder lacking config.json fails in transformers as "not in the Hugging Face cache", or worse."""
+    path = Path(name)
+    if path.is_file():
+        raise ValueError(f"--model {name}: a file; give a model folder (config.json + model.safetensors) or a Hub name")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {name}: no config.json in this folder; give a folder written by "
+                                "`save_pretrained` (config.json + model.safetensors), or a Hub name in the local cache")
+
+
 def load_model(checkpoint: str | Path) -> ViTForImageClassification:
     """Load a saved checkpoint with `from_pretrained`, which maps the saved parameter names correctly.
 
     (The Trainer's own `resume_from_checkpoint` loads with strict=False and silently skips the
     renamed ViT encoder weights in transformers 5.x: DESIGN.md pitfall 1.)
+    A missing or damaged config.json or weights file is named with the fix, instead of transformers'
+    messages (a missing config.json would load the default ViT-B config and report size mismatches).
     """
-    return ViTForImageClassification.from_pretrained(str(checkpoint), attn_implementation="sdpa")
+    from safetensors import SafetensorError
+
+    folder = Path(checkpoint)
+    fix = (f"use another shard's checkpoint, or delete {folder.name}/vit_spine.json and run the same "
+           "`vit-spine train` command again to train it anew")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder / 'config.json'}: missing, the checkpoint is incomplete: {fix}")
+    if not any(folder.glob("*.safetensors")) and not (folder / "pytorch_model.bin").is_file():
+        raise FileNotFoundError(f"{folder / 'model.safetensors'}: missing, the checkpoint has no weights: {fix}")
+    try:
+        return ViTForImageClassification.from_pretrained(str(folder), attn_implementation="sdpa")
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        reason = " ".join(str(err).split())
+        raise ValueError(f"checkpoint {folder}: its config.json or weights are damaged ({reason}): {fix}") from err
 
 
 def masked_bce_sum(logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor | None) -> torch.Tensor:
