@@ -105,8 +105,18 @@ class ChunkConfig:
             raise ValueError(f"--shard_size must be >= 1, got {self.shard_size}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.workers < 0:
-            raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        from vit_spine import options
+
+        self.workers = options.capped_workers(self.workers, minimum=0)
+        options.folder_path(self.data_dir, "DATA_DIR")
+        options.folder_path(self.out, "--out")
+        options.file_path(self.slice_table, "--slice_table")
+        # inputs that must exist are checked before --out is made: a refused chunk leaves no empty folder
+        if self.slice_table and not Path(self.slice_table).exists():
+            raise FileNotFoundError(f"--slice_table {self.slice_table}: no such file")
+        if self.data_dir and not Path(self.data_dir).exists():
+            raise FileNotFoundError(f"DATA_DIR {self.data_dir}: no such directory")
+        resolve_rank(self.rank, self.world_size)  # a bad --rank / --world_size too
 
     def plan_options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in PLAN_OPTIONS}
@@ -759,13 +769,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_types=(PreprocessConfig,),
     )
     if not config.data_dir and not config.slice_table and not (Path(config.out) / MANIFEST).is_file():
-        print("vit-spine chunk: error: give DATA_DIR or --slice_table", file=sys.stderr)
-        return 2
-    try:
-        manifest = chunk(config, preprocess)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"vit-spine chunk: error: {error}", file=sys.stderr)
-        return 2
+        raise ValueError("give DATA_DIR or --slice_table")
+    manifest = chunk(config, preprocess)
     done = sum(s["complete"] for s in manifest["shards"])
     print(f"chunk: {done}/{len(manifest['shards'])} shards complete in {config.out}")
     return 0

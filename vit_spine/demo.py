@@ -51,14 +51,35 @@ class DemoConfig:
     positive_fraction: float = field(default=0.3, metadata={"help": "share of fracture-positive slices drawn per batch."})
     seed: int = field(default=0, metadata={"help": "seed of the data and of training."})
 
+    def __post_init__(self) -> None:
+        """Check every value before the demo removes its folders: the stages' own configs check theirs."""
+        from vit_spine import options
+        from vit_spine.chunk import ChunkConfig
+        from vit_spine.preprocess import PreprocessConfig
+        from vit_spine.synth import SynthConfig
+
+        for option in ("workdir", "chunks", "output"):
+            options.folder_path(getattr(self, option), f"--{option}")
+        SynthConfig(out=str(Path(self.workdir) / "data"), studies=self.studies, test_studies=self.test_studies,
+                    slices=self.slices, size=self.size, fracture_width=self.fracture_width)
+        PreprocessConfig(image_size=self.image_size, crop=1.0 if self.pixel_spacing is not None else self.crop,
+                         pixel_spacing=self.pixel_spacing)
+        ChunkConfig(out=self.chunks, shard_size=self.shard_size, val_fraction=self.val_fraction, workers=0)
+        if self.patch_size < 1 or self.image_size % self.patch_size:
+            raise ValueError(f"--patch_size {self.patch_size} does not divide --image_size {self.image_size}")
+        options.positive(self.epochs_per_shard, "--epochs_per_shard")
+        options.positive(self.learning_rate, "--learning_rate")
+        if not 0 < self.positive_fraction < 1:
+            raise ValueError(f"--positive_fraction must be in (0, 1), got {self.positive_fraction}")
+
 
 def run_step(title: str, name: str, command: list[str]) -> None:
     """Run subcommand `name` in this process, printed as the command a user would type."""
     shown = f"vit-spine {name} {' '.join(command)}"
     print(f"\n=== {title}\n$ {shown}", flush=True)
     code = cli.main([name, *command])
-    if code:
-        raise SystemExit(f"demo: `{shown}` failed with exit code {code}")
+    if code:  # the step has printed its one line; the demo ends with the step's exit code
+        raise SystemExit(code)
 
 
 def framing(config: DemoConfig) -> list[str]:

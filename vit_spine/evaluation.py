@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -97,14 +98,24 @@ def train_prevalence(study_labels: np.ndarray, study_ids: np.ndarray) -> np.ndar
     return per_study.mean(axis=0)
 
 
+def load_json(path: Path, fix: str, text: str | None = None) -> Any:
+    """JSON of a file this tool wrote (or `text`, one line of it); ValueError naming the file and `fix`
+    when it is not valid JSON (cut short by a kill or a full disk, or edited by hand)."""
+    try:
+        return json.loads(Path(path).read_text() if text is None else text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}): {fix}") from err
+
+
 def read_checkpoint_meta(checkpoint: Path) -> dict:
     path = Path(checkpoint) / CHECKPOINT_META
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise FileNotFoundError(f"{path}: cannot read the checkpoint's metadata ({err})") from err
-    if not isinstance(meta.get("shard"), int) or not isinstance(meta.get("metrics"), dict):
-        raise ValueError(f"{path}: expected integer `shard` and a `metrics` object")
+    fix = (f"use another shard's checkpoint, or delete {Path(checkpoint).name}/{CHECKPOINT_META} and run the same "
+           "`vit-spine train` command again to train it anew")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing: {fix}")
+    meta = load_json(path, fix)
+    if not isinstance(meta, dict) or not isinstance(meta.get("shard"), int) or not isinstance(meta.get("metrics"), dict):
+        raise ValueError(f"{path}: expected integer `shard` and a `metrics` object: {fix}")
     return meta
 
 
@@ -113,7 +124,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    fix = "run the same `vit-spine train` command again to rewrite it from the shards' checkpoints"
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            row = load_json(path, f"line {number} is damaged: {fix}", text=line)
+            if not isinstance(row, dict) or "shard" not in row or "weighted_log_loss" not in row:
+                raise ValueError(f"{path}: line {number} is not a metrics row: {fix}")
+            rows.append(row)
+    return rows
 
 
 def format_table(rows: list[dict]) -> str:
@@ -146,6 +165,14 @@ class EvaluateConfig:
         default=None, metadata={"help": "seed of the cross-fitted calibration folds (default: the training run's --seed)."}
     )
 
+    def __post_init__(self) -> None:
+        from vit_spine import options
+
+        options.at_least(self.batch_size, 1, "--batch_size")
+        options.folder_path(self.checkpoint, "CHECKPOINT")
+        options.folder_path(self.chunks, "--chunks")
+        options.file_path(self.out, "--out")
+
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A shard checkpoint folder; a run folder stands for its `best` shard."""
@@ -163,7 +190,10 @@ def default_chunks(checkpoint: Path) -> Path:
     run_config = checkpoint.parent / "run_config.json"
     if not run_config.is_file():
         raise FileNotFoundError(f"{run_config} not found: pass --chunks DIR")
-    return Path(json.loads(run_config.read_text())["chunks"])
+    saved = load_json(run_config, "pass --chunks DIR (the next `vit-spine train` of this run rewrites it)")
+    if not isinstance(saved, dict) or not isinstance(saved.get("chunks"), str):
+        raise ValueError(f"{run_config}: names no `chunks` folder: pass --chunks DIR")
+    return Path(saved["chunks"])
 
 
 def predict_slices(model, dataset, batch_size: int) -> np.ndarray:

@@ -433,27 +433,28 @@ class PushConfig:
 
     def __post_init__(self):
         if self.repo_id.count("/") != 1 or not all(self.repo_id.split("/")):
-            raise ValueError(f"--repo-id {self.repo_id!r}: expected `owner/name`")
+            raise ValueError(f"--repo_id {self.repo_id!r}: expected `owner/name`")
         if self.retries < 1:
             raise ValueError(f"--retries {self.retries}: need at least 1")
+        from vit_spine import options
+
+        options.at_least(self.backoff, 0, "--backoff")
+        options.folder_path(self.checkpoint, "CHECKPOINT")
+        options.folder_path(self.run_dir, "--run_dir")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     (config,) = parse_config(
         PushConfig, argv, prog="vit-spine push", description=__doc__.split("\n")[0], positionals=("checkpoint",)
     )
-    try:
-        result = push_checkpoint(
-            config.checkpoint,
-            config.repo_id,
-            run_dir=config.run_dir,
-            revision=config.revision,
-            private=config.private,
-            retries=config.retries,
-            backoff_s=config.backoff,
-        )
-    except (FileNotFoundError, ValueError) as err:
-        print(f"vit-spine push: {err}", file=sys.stderr)
-        return 2
+    result = push_checkpoint(
+        config.checkpoint,
+        config.repo_id,
+        run_dir=config.run_dir,
+        revision=config.revision,
+        private=config.private,
+        retries=config.retries,
+        backoff_s=config.backoff,
+    )
     print(result.summary(), file=sys.stdout if result.ok else sys.stderr)
     return 0 if result.ok else 1

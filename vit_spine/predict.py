@@ -89,12 +89,21 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if not self.paths:
             raise ValueError("give at least one PATH (a study folder or a folder of study folders)")
-        if self.workers < 0:
-            raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        from vit_spine import options
+
+        self.workers = options.capped_workers(self.workers, minimum=0)
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
         if self.slices_out and Path(self.slices_out).suffix.lower() not in SLICE_TABLE_SUFFIXES:
             raise ValueError(f"--slices_out {self.slices_out}: the name must end in .csv or .parquet")
+        options.device(self.device)
+        options.folder_path(self.checkpoint, "CHECKPOINT")
+        for path in self.paths:
+            options.folder_path(path, "PATH")
+        options.file_path(self.out, "--out")
+        options.file_path(str(problems_path(Path(self.out))), "--out (its problems file)")
+        options.file_path(self.slices_out, "--slices_out")
+        options.file_path(self.studies, "--studies")
 
 
 @dataclass
@@ -391,7 +400,6 @@ def predict_studies(
 
     started = time.perf_counter()
     report = on_problem or (lambda where, reason: tqdm.write(f"{where}: {reason}", file=sys.stderr))
-    predictor = load_predictor(checkpoint, device)
     folders = find_study_folders(paths)
     test_table = None
     unlisted: list[str] = []
@@ -400,6 +408,7 @@ def predict_studies(
         listed = select_listed_studies(folders, test_table)
         unlisted = sorted({f.uid for f in folders} - {f.uid for f in listed})
         folders = listed
+    predictor = load_predictor(checkpoint, device)  # after the inputs are checked: a bad PATH fails at once
 
     results: list[StudyPrediction] = []
     problem_rows: list[tuple] = []

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import html
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +71,12 @@ class ReportConfig:
             raise ValueError("--studies and --saliency_slices must be >= 0")
         if self.smoothgrad_samples < 1 or self.batch_size < 1:
             raise ValueError("--smoothgrad_samples and --batch_size must be >= 1")
+        from vit_spine import options
+
+        options.device(self.device)
+        options.folder_path(self.run_dir, "RUN_DIR")
+        options.folder_path(self.chunks, "--chunks")
+        options.folder_path(self.out, "--out")
 
 
 # ---------------------------------------------------------------- run files
@@ -519,10 +524,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vit_spine.cli import parse_config
 
     (config,) = parse_config(ReportConfig, argv, prog="vit-spine report", description=__doc__.split("\n")[0], positionals=("run_dir",))
-    try:
-        index, figures = build_report(config)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"vit-spine report: error: {error}", file=sys.stderr)
-        return 1
+    index, figures = build_report(config)
     print(f"{len(figures)} figures and {index}")
     return 0

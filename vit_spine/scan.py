@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -101,20 +100,19 @@ class ScanConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        from vit_spine import options
+
+        self.workers = options.capped_workers(self.workers)
+        options.folder_path(self.data_dir, "DATA_DIR")
+        options.file_path(self.out, "--out")
+        options.file_path(self.vertebrae_table, "--vertebrae_table")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     (config,) = parse_scan_config(argv)
-    if not config.out:
-        print("vit-spine scan: error: --out FILE.parquet is required", file=sys.stderr)
-        return 2
-    try:
-        scan(config.data_dir, config)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"vit-spine scan: error: {error}", file=sys.stderr)
-        return 2
+    if not config.out:  # optional for the library (scan() without writing), required on the command line
+        raise ValueError("--out FILE.parquet is required")
+    scan(config.data_dir, config)
     return 0
 
 

@@ -118,8 +118,10 @@ class SynthConfig:
         for name in ("segmentation_fraction", "box_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name} must be in [0, 1] (got {getattr(self, name)})")
-        if self.workers < 1:
-            raise ValueError(f"--workers must be at least 1 (got {self.workers})")
+        from vit_spine import options
+
+        self.workers = options.capped_workers(self.workers)
+        options.folder_path(self.out, "OUT")
         if not 0.0 < self.fracture_width <= 0.2:
             raise ValueError(f"--fracture_width must be in (0, 0.2] (got {self.fracture_width})")
 

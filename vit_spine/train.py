@@ -94,19 +94,37 @@ class TrainConfig:
     )
 
     def __post_init__(self):
+        from vit_spine import options
+        from vit_spine.model import MODEL_CONFIGS, check_model_folder
+
         if self.model and self.model_config:
-            raise ValueError("give either --model or --model-config, not both")
+            raise ValueError("give either --model or --model_config, not both")
+        if self.model_config is not None and self.model_config not in MODEL_CONFIGS:
+            raise ValueError(f"--model_config {self.model_config!r}: choose from {', '.join(MODEL_CONFIGS)}")
+        if self.model:
+            check_model_folder(self.model)
         if self.patch_size is not None and not self.model_config:
-            raise ValueError("--patch-size applies to a random-init --model-config only")
+            raise ValueError("--patch_size applies to a random-init --model_config only")
+        options.at_least(self.patch_size, 1, "--patch_size")
+        if self.patch_size and (Path(self.chunks) / chunking.MANIFEST).is_file():
+            # checked here, before the run folder is made; the image size is the chunks'
+            image_size = chunking.load_manifest(self.chunks)["preprocess"]["image_size"]
+            if image_size % self.patch_size:
+                raise ValueError(f"--patch_size {self.patch_size} does not divide the chunks' image size {image_size}: "
+                                 f"choose a divisor of {image_size}")
         if not 0 <= self.replay_fraction <= 1:
-            raise ValueError(f"--replay-fraction must be in [0, 1], got {self.replay_fraction}")
-        if self.patience < 1:
-            raise ValueError(f"--patience must be >= 1, got {self.patience}")
+            raise ValueError(f"--replay_fraction must be in [0, 1], got {self.replay_fraction}")
+        options.at_least(self.patience, 1, "--patience")
+        options.at_least(self.min_delta, 0, "--min_delta")
+        options.at_least(self.max_shards, 1, "--max_shards")
+        options.positive(self.fracture_pos_weight_max, "--fracture_pos_weight_max")
         if self.positive_fraction is not None:
             if not 0 < self.positive_fraction < 1:
-                raise ValueError(f"--positive-fraction must be in (0, 1), got {self.positive_fraction}")
+                raise ValueError(f"--positive_fraction must be in (0, 1), got {self.positive_fraction}")
             if self.replay_fraction > 0:
-                raise ValueError("--positive-fraction and --replay-fraction cannot be combined")
+                raise ValueError("--positive_fraction and --replay_fraction cannot be combined")
+        options.folder_path(self.chunks, "--chunks")
+        options.folder_path(self.output, "--output")
 
 
 PREFETCH_BATCHES = 4  # batches each DataLoader worker keeps ready
@@ -284,7 +302,10 @@ def check_run_config(output: Path, current: dict) -> None:
     path = output / RUN_CONFIG_FILE
     if not path.exists():
         return
-    saved = json.loads(path.read_text())
+    from vit_spine.evaluation import load_json
+
+    saved = load_json(path, "use a new --output folder, or, when the run's chunks and model are unchanged, delete it "
+                            "and run the same `vit-spine train` command again")
     differs = [k for k in current if saved.get(k) != current[k]]
     if differs:
         details = "; ".join(f"{k}: was {saved.get(k)!r}, now {current[k]!r}" for k in differs)
@@ -674,6 +695,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_types=(PoolingConfig, AugmentConfig, TrainingArguments),
         defaults=training_defaults(),
     )
+    from vit_spine import options
+
+    options.training_arguments(args)
+    if args.disable_tqdm:  # transformers' own bars too (saving, loading weights): the Trainer's option covers only its own
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     result = run_training(config, pooling, fit_loader_options(args), augment=augment)
     if PartialState().is_main_process:
         print()

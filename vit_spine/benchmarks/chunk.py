@@ -18,7 +18,6 @@ import os
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -48,6 +47,16 @@ class ChunkBenchConfig:
                   "inflate the decode CPU time the overhead is measured against."},
     )
 
+    def __post_init__(self) -> None:
+        from vit_spine import options
+
+        self.workers = options.capped_workers(self.workers, minimum=0)
+        for name in ("image_size", "shard_size", "repeats"):
+            options.at_least(getattr(self, name), 1, f"--{name}")
+        options.at_least(self.sample, 0, "--sample")
+        options.folder_path(self.data_dir, "DATA_DIR")
+        options.folder_path(self.tmp, "--tmp")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     from vit_spine.cli import parse_config
@@ -59,11 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="End-to-end chunking slices/s vs bare decoding of the same files, and peak RSS.",
         positionals=("data_dir",),
     )
-    try:
-        run(config)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"vit-spine bench chunk: error: {error}", file=sys.stderr)
-        return 2
+    run(config)
     return 0
 
 

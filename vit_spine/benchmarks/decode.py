@@ -174,8 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_sample_study(root / "synthetic_ct", config.make_sample)
     paths = sorted(root.rglob("*.dcm")) if root.is_dir() else []
     if not paths:
-        print(f"vit-spine bench decode: no .dcm files under {root} (nothing to time; --make_sample N writes some)")
-        return 1
+        raise FileNotFoundError(f"no .dcm files under {root} (nothing to time; --make_sample N writes some)")
     found = len(paths)
     if config.limit:
         paths = paths[: config.limit]

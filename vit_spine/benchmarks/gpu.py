@@ -116,6 +116,14 @@ class GpuBenchConfig:
         largest = max(self.batch_list + [self.variant_batch_size])
         if self.num_slices < largest:
             raise ValueError(f"--num_slices {self.num_slices} is smaller than the largest batch ({largest})")
+        from vit_spine import options
+
+        if self.workers is not None:
+            self.workers = options.capped_workers(self.workers, minimum=0)
+        options.at_least(self.patch_size, 1, "--patch_size")
+        options.at_least(self.slices_per_study, 1, "--slices_per_study")
+        options.at_least(self.predict_slices, 1, "--predict_slices")
+        options.folder_path(self.tmp, "--tmp")
 
 
 def cpu_defaults() -> dict:

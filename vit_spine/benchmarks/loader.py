@@ -15,7 +15,6 @@ Goals: ours/memmap >= 0.5, ours/datasets >= 5.
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +36,13 @@ class LoaderBenchConfig:
         default=1, metadata={"help": "torch threads (DataLoader workers run with 1, the default here)."}
     )
 
+    def __post_init__(self) -> None:
+        from vit_spine import options
+
+        for name in ("batch_size", "batches", "repeats", "threads"):
+            options.at_least(getattr(self, name), 1, f"--{name}")
+        options.folder_path(self.shard, "SHARD")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     from vit_spine.cli import parse_config
@@ -48,11 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="img/s of ShardDataset random batches vs a numpy memmap and datasets with_format('torch').",
         positionals=("shard",),
     )
-    try:
-        run(config)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"vit-spine bench loader: error: {error}", file=sys.stderr)
-        return 2
+    run(config)
     return 0
 
 

@@ -48,6 +48,11 @@ class PredictBenchConfig:
     def __post_init__(self) -> None:
         if self.limit < 0 or self.repeats < 1 or self.batch_size < 1 or self.workers < 0:
             raise ValueError("--limit and --workers must be >= 0; --repeats and --batch_size >= 1")
+        from vit_spine import options
+
+        self.workers = options.capped_workers(self.workers, minimum=0)
+        options.device(self.device)
+        options.at_least(self.image_size, 8, "--image_size")
 
 
 def write_random_checkpoint(folder: Path, model_config: str, image_size: int) -> None:

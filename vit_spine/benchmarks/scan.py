@@ -10,7 +10,6 @@ files, nothing else. Both run in this process, alternating, so load on a shared 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ class BenchScanConfig:
     def __post_init__(self) -> None:
         if self.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
 
 
 def bare_header_parse(paths: list[Path]) -> None:
@@ -52,9 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     folders = find_study_folders(Path(config.data_dir).resolve(), Issues())[: config.limit]
     if not folders:
-        print(f"vit-spine bench scan: error: {config.data_dir}: no study folder under train_images/ or test_images/",
-              file=sys.stderr)
-        return 2
+        raise ValueError(f"{config.data_dir}: no study folder under train_images/ or test_images/")
     paths = [p for folder in folders for p in find_files(folder.path) if looks_like_dicom(p)]
     ours_s, bare_s = [], []
     slices = our_header_pass(folders)  # warm the page cache and imports for both

@@ -32,6 +32,14 @@ class BenchTrainConfig:
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes for both paths."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast in both paths (GPU)."})
 
+    def __post_init__(self) -> None:
+        from vit_spine import options
+
+        for name in ("image_size", "batch_size", "steps", "repeats"):
+            options.at_least(getattr(self, name), 1, f"--{name}")
+        self.workers = options.capped_workers(self.workers, minimum=0)
+        options.folder_path(self.shard, "--shard")
+
 
 def random_shard(folder: Path, size: int, count: int) -> Path:
     import datasets
