@@ -703,8 +703,14 @@ def write_scan(df: pd.DataFrame, out: str | Path) -> None:
     metadata = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
     metadata[METADATA_KEY] = json.dumps(df.attrs.get("vit_spine", {})).encode()
     partial = out.with_name(out.name + ".partial")
-    pq.write_table(table.replace_schema_metadata(metadata), partial)
-    partial.replace(out)
+    try:
+        pq.write_table(table.replace_schema_metadata(metadata), partial)
+        partial.replace(out)
+    except BaseException as error:
+        partial.unlink(missing_ok=True)  # a failed or interrupted write leaves nothing behind
+        if isinstance(error, OSError) and not error.filename:
+            error.filename = str(out)  # pyarrow's errors do not say which file (a full disk must name it)
+        raise
 
 
 def read_scan_metadata(path: str | Path) -> dict[str, Any]:
