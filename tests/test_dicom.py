@@ -516,8 +516,10 @@ def test_decode_bench_runs_and_reports_ratios(tmp_path, capsys):
 
 
 def test_decode_bench_says_when_there_is_nothing_to_time(tmp_path, capsys):
-    assert decode_bench.main([str(tmp_path)]) == 1
-    assert "no .dcm files under" in capsys.readouterr().out
+    from vit_spine import cli
+
+    assert cli.main(["bench", "decode", str(tmp_path)]) == 2  # nothing to time is an input error
+    assert capsys.readouterr().err.startswith(f"vit-spine bench decode: error: no .dcm files under {tmp_path}")
 
 
 def _count_fast_decodes(monkeypatch) -> dict[str, int]:

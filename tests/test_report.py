@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 from transformers import TrainingArguments
 
-from vit_spine import train
+from vit_spine import cli, train
 from vit_spine.chunk import ChunkConfig, chunk
 from vit_spine.evaluation import PoolingConfig
 from vit_spine.preprocess import PreprocessConfig
-from vit_spine.report import SIZES, ReportConfig, build_report, choose_profile_studies, main, reliability, training_loss_curves
+from vit_spine.report import SIZES, ReportConfig, build_report, choose_profile_studies, reliability, training_loss_curves
 from vit_spine.scan import ScanConfig, scan, write_scan
 
 
@@ -110,5 +110,5 @@ def test_reliability_bins():
 
 
 def test_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path, capsys):
-    assert main([str(tmp_path)]) == 1
-    assert "metrics.jsonl" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path)]) == 2  # an input error, as the README says
+    assert capsys.readouterr().err.startswith(f"vit-spine report: error: {tmp_path / 'metrics.jsonl'}: missing or empty")

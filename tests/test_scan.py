@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vit_spine import VERTEBRAE
+from vit_spine import VERTEBRAE, cli
 from vit_spine.scan import (
     COLUMNS,
     FRACTURE_COLUMNS,
@@ -406,16 +406,17 @@ def test_dataset_inconsistencies_are_reported(with_table, without_table, damaged
 
 
 def test_main_reports_bad_arguments(tmp_path, capsys):
-    assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "t.parquet")]) == 2
-    assert "nowhere: no such directory" in capsys.readouterr().err
-    assert main([str(tmp_path)]) == 2
-    assert "--out" in capsys.readouterr().err
-    assert main([str(tmp_path), "--out", str(tmp_path / "t.parquet")]) == 2
-    assert "no study folder under train_images/ or test_images/" in capsys.readouterr().err
+    def error_of(*argv: str) -> str:
+        assert cli.main(["scan", *argv]) == 2
+        return capsys.readouterr().err
+
+    assert "nowhere: no such directory" in error_of(str(tmp_path / "nowhere"), "--out", str(tmp_path / "t.parquet"))
+    assert "vit-spine scan: error: --out FILE.parquet is required" in error_of(str(tmp_path))
+    assert "no study folder under train_images/ or test_images/" in error_of(str(tmp_path), "--out", str(tmp_path / "t.parquet"))
     (tmp_path / "train_images" / "1.2.3").mkdir(parents=True)
     (tmp_path / "train_images" / "1.2.3" / "notes.txt").write_text("no images here")
-    assert main([str(tmp_path), "--out", str(tmp_path / "t.parquet")]) == 2
-    assert "no DICOM file in the study folders" in capsys.readouterr().err
+    assert "no DICOM file in the study folders" in error_of(str(tmp_path), "--out", str(tmp_path / "t.parquet"))
+    assert not (tmp_path / "t.parquet").exists()
 
 
 # ---------------------------------------------------------------- real export layouts
