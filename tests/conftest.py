@@ -43,6 +43,14 @@ def synth_data(synth_config: SynthConfig) -> Path:
 
 
 @pytest.fixture(scope="session")
+def toy_chunks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four toy training shards and a validation shard (tests/toy_run.py), for the training tests."""
+    from toy_run import write_toy_chunks
+
+    return write_toy_chunks(tmp_path_factory.mktemp("chunks"))
+
+
+@pytest.fixture(scope="session")
 def shared_rsna() -> Path:
     """The real RSNA 2022 label files in ../shared/rsna2022 (dev workspace only)."""
     path = REPO_ROOT.parent / "shared" / "rsna2022"

@@ -23,7 +23,6 @@ are contiguous and sorted by z. `load_manifest(DIR)` merges the shard files into
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import multiprocessing
@@ -42,8 +41,20 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from vit_spine import STUDY_TARGETS, VERTEBRAE
+from vit_spine.fs import (
+    TMP_PREFIX,
+    FolderLock,
+    crc32_of,
+    durable_replace,
+    file_record,
+    flush_folder_files,
+    flush_to_disk,
+    read_json,
+    write_json_atomic,
+)
 from vit_spine.preprocess import PreprocessConfig, render_volume
 from vit_spine.shards import ARROW_FILE, SHARD_META, features_dict, record_batch, shard_schema, write_dataset_files
+from vit_spine.shards import damage as shard_files_damage
 
 if TYPE_CHECKING:  # the study module imports pydicom; training reads shards without it
     from vit_spine.study import SliceRef
@@ -51,7 +62,6 @@ if TYPE_CHECKING:  # the study module imports pydicom; training reads shards wit
 FORMAT = 2  # 2: 'bone25d' shards store one channel per slice
 MANIFEST = "manifest.json"
 SLICE_TABLE = "slice_table.parquet"
-TMP_PREFIX = ".tmp-"
 LABEL_COLUMNS = (*(f"fracture_{v}" for v in VERTEBRAE), *(f"visible_{v}" for v in VERTEBRAE))
 STUDY_LABEL_COLUMNS = ("label_overall", *(f"label_{v}" for v in VERTEBRAE))
 REQUIRED_COLUMNS = (
@@ -97,6 +107,11 @@ class ChunkConfig:
     )
     world_size: int | None = field(
         default=None, metadata={"help": "processes sharing the shards, each writes every world_size-th (default: $WORLD_SIZE or 1)."}
+    )
+    verify: bool = field(
+        default=False,
+        metadata={"help": "check the checksum of every finished shard's files, not only their sizes (reads every "
+                  "shard once); a damaged shard is rewritten."},
     )
     progress: bool = field(default=True, metadata={"help": "show progress bars."})
 
@@ -148,7 +163,11 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest; run `vit-spine chunk DATA_DIR --out {directory}` first")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = read_json(path, "manifest")
+    except ValueError as error:
+        raise ValueError(f"{error}: delete it and run the same `vit-spine chunk` command again, or chunk into a new "
+                         "--out folder") from error
     if manifest.get("format") != FORMAT:
         raise ValueError(
             f"{path}: manifest format {manifest.get('format')!r}, this vit-spine reads {FORMAT}; "
@@ -166,7 +185,7 @@ def with_shard_state(manifest: dict[str, Any], directory: Path) -> dict[str, Any
         shard["complete"] = meta_path.is_file()
         if not shard["complete"]:
             continue
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, "shard's metadata")
         shard["num_slices"] = meta["num_slices"]
         for problem in meta["problems"]:
             key = (problem["path"], problem.get("frame", 0), problem["reason"])
@@ -183,46 +202,6 @@ def train_shards(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 def val_shards(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [s for s in manifest["shards"] if s["split"] == "val"]
-
-
-def write_json_atomic(path: Path, content: dict[str, Any]) -> bool:
-    """Write `content` as JSON via a temporary file and rename; skip (return False) if the file already holds it."""
-    text = json.dumps(content, indent=1) + "\n"
-    if path.is_file() and path.read_text() == text:
-        return False
-    partial = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    partial.write_text(text)
-    durable_replace(partial, path)
-    return True
-
-
-def flush_to_disk(path: Path) -> None:
-    """fsync a file, or a folder's entries. A rename that marks work as done (a shard folder, a
-    checkpoint's vit_spine.json) must come after its data is on disk: after a power loss, resuming
-    would otherwise trust a file the page cache never wrote. Filesystems without fsync are skipped."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as error:
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
-def flush_folder_files(folder: Path) -> None:
-    """fsync the files directly in `folder` (not its subfolders), then the folder's entries."""
-    for path in sorted(folder.iterdir()):
-        if path.is_file():
-            flush_to_disk(path)
-    flush_to_disk(folder)
-
-
-def durable_replace(source: Path, target: Path) -> None:
-    """os.replace with the data flushed before and the folder's new entry after."""
-    flush_to_disk(source)
-    os.replace(source, target)
-    flush_to_disk(target.parent)
 
 
 def versions() -> dict[str, str]:
@@ -248,14 +227,21 @@ def versions() -> dict[str, str]:
 # ---------------------------------------------------------------- slice table -> studies
 
 
-def load_slice_table(config: ChunkConfig) -> pd.DataFrame:
-    """The slice table of --slice_table, or a fresh scan of DATA_DIR."""
+def load_slice_table(config: ChunkConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The slice table of --slice_table (checked to come from DATA_DIR), or a fresh scan of DATA_DIR; and
+    where it came from: {"data_dir", "slice_table", "slice_table_crc32"}."""
     if config.slice_table:
         path = Path(config.slice_table)
         if not path.is_file():
             raise FileNotFoundError(f"--slice_table {path}: no such file")
+        source = slice_table_source(path)
+        if config.data_dir and source["data_dir"] and source["data_dir"] != str(Path(config.data_dir).resolve()):
+            raise ValueError(
+                f"--slice_table {path} was scanned from {source['data_dir']}, not from {Path(config.data_dir).resolve()}: "
+                f"scan this dataset (`vit-spine scan {config.data_dir} --out TABLE`) or give the table's own DATA_DIR"
+            )
         table = pd.read_parquet(path)
-        source = str(path)
+        where = str(path)
     else:
         if not config.data_dir:
             raise ValueError("give DATA_DIR or --slice_table")
@@ -263,11 +249,23 @@ def load_slice_table(config: ChunkConfig) -> pd.DataFrame:
 
         workers = max(config.workers, 1)
         table = scan(config.data_dir, ScanConfig(data_dir=config.data_dir, workers=workers, progress=config.progress))
-        source = f"scan of {config.data_dir}"
+        source = {"data_dir": str(Path(config.data_dir).resolve()), "slice_table": None, "slice_table_crc32": None}
+        where = f"scan of {config.data_dir}"
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
-        raise ValueError(f"{source}: slice table lacks column(s) {', '.join(missing)}; re-run `vit-spine scan`")
-    return table
+        raise ValueError(f"{where}: slice table lacks column(s) {', '.join(missing)}; re-run `vit-spine scan`")
+    return table, source
+
+
+def slice_table_source(path: Path) -> dict[str, Any]:
+    """What a slice table file says it was scanned from (its Parquet metadata), and its checksum."""
+    from vit_spine.scan import read_scan_metadata
+
+    try:
+        data_dir = read_scan_metadata(path).get("data_dir")
+    except ValueError:  # a table written by other means: its origin is unknown, not wrong
+        data_dir = None
+    return {"data_dir": data_dir, "slice_table": str(path.resolve()), "slice_table_crc32": crc32_of(path)}
 
 
 @dataclass
@@ -437,6 +435,13 @@ def study_record_batch(pixels: np.ndarray, rows: pd.DataFrame, schema):
         rows["position"].to_numpy(np.float32),  # the shard's `z`: mm along the slice normal (z for axial slices)
         schema,
     )
+
+
+def plan_fingerprint(manifest: dict[str, Any]) -> str:
+    """What a training run was built from: the plan (shards and their studies) and the preprocessing."""
+    plan = [(s["path"], s["split"], s["studies"]) for s in manifest["shards"]]
+    blob = json.dumps({"plan": plan, "preprocess": manifest["preprocess"]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def shard_fingerprint(plan: ShardPlan, preprocess: PreprocessConfig) -> str:
@@ -620,6 +625,7 @@ def write_shard(
     }
     if stored_channels(preprocess) == 1:  # ShardDataset rebuilds the neighbour channels with it
         meta["neighbor_offset"] = preprocess.neighbor_offset
+    meta["files"] = file_record(tmp)  # sizes and checksums, checked by every later reader
     (tmp / SHARD_META).write_text(json.dumps(meta, indent=1) + "\n")
     flush_folder_files(tmp)
     os.rename(tmp, final)
@@ -639,12 +645,15 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return me, world
 
 
-def make_manifest(config: ChunkConfig, preprocess: PreprocessConfig, selection: TrainingSlices) -> dict[str, Any]:
+def make_manifest(
+    config: ChunkConfig, preprocess: PreprocessConfig, selection: TrainingSlices, source: dict[str, Any]
+) -> dict[str, Any]:
     studies = selection.studies.drop(columns=["fold"]) if config.ignore_folds and "fold" in selection.studies else selection.studies
     plans, validation = plan_shards(studies, config.shard_size, config.val_fraction, config.val_fold, config.seed)
     return {
         "format": FORMAT,
-        "data_dir": str(Path(config.data_dir).resolve()) if config.data_dir else None,
+        "data_dir": source["data_dir"],
+        "source": source,
         "options": config.plan_options(),
         "preprocess": preprocess.to_dict(),
         "validation": validation,
@@ -665,32 +674,43 @@ def chunk(
     preprocess: PreprocessConfig | None = None,
     on_shard_done: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Plan (or reload the plan of) DIR, write this rank's missing shards, return `load_manifest(DIR)`."""
+    """Plan (or reload the plan of) DIR, write this rank's missing or damaged shards, return `load_manifest(DIR)`.
+
+    One process per rank and folder: a second `chunk` of the same rank on the same --out fails at once,
+    naming the process that holds it (ranks of one job share the folder, each with its own lock).
+    """
     preprocess = preprocess or PreprocessConfig()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out}: a file, not a folder")
     rank, world = resolve_rank(config.rank, config.world_size)
+    with FolderLock(out, "vit-spine chunk", name=f".vit-spine-chunk-rank{rank}.lock"):
+        return _chunk_locked(out, rank, world, config, preprocess, on_shard_done)
+
+
+def _chunk_locked(out: Path, rank: int, world: int, config: ChunkConfig, preprocess: PreprocessConfig,
+                  on_shard_done: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     manifest_path = out / MANIFEST
     selection: TrainingSlices | None = None
     if manifest_path.is_file():
         manifest = load_manifest(out)
         check_same_options(manifest, config, preprocess, manifest_path)
-        if config.data_dir and manifest["data_dir"] != str(Path(config.data_dir).resolve()):
-            print(f"chunk: note: {manifest_path} was planned from {manifest['data_dir']}; resuming that plan "
-                  f"with the slice paths in {out / SLICE_TABLE}")
+        check_same_source(manifest, config, manifest_path)
     else:
-        selection = select_training_slices(load_slice_table(config))
-        manifest = make_manifest(config, preprocess, selection)
+        table, source = load_slice_table(config)
+        selection = select_training_slices(table)
+        manifest = make_manifest(config, preprocess, selection, source)
         if rank == 0:
             write_slice_table(selection.slices, out)
             write_json_atomic(manifest_path, manifest)
         manifest = with_shard_state(manifest, out)
     mine = [s for i, s in enumerate(manifest["shards"]) if i % world == rank]
+    damaged = remove_damaged_shards(out, [s for s in mine if (out / s["path"]).is_dir()], config.verify)
     todo = [plan_from_entry(s) for s in mine if not (out / s["path"]).is_dir()]
     print(
         f"chunk: {len(manifest['shards'])} shards ({len(train_shards(manifest))} train, {len(val_shards(manifest))} val); "
-        f"rank {rank}/{world}: {len(mine)} shards, {len(todo)} to write; "
-        f"{len(manifest['problems'])} problem slices, {len(manifest['skipped_studies'])} skipped studies"
+        f"rank {rank}/{world}: {len(mine)} shards, {len(todo)} to write" + (f" ({damaged} damaged)" if damaged else "")
+        + f"; {len(manifest['problems'])} problem slices, {len(manifest['skipped_studies'])} skipped studies"
     )
     if todo:
         if selection is None:
@@ -704,6 +724,35 @@ def chunk(
     if final["complete"] and write_json_atomic(manifest_path, final):
         print(f"chunk: all shards written; manifest updated: {manifest_path}")
     return final
+
+
+def remove_damaged_shards(out: Path, entries: list[dict[str, Any]], checksums: bool) -> int:
+    """Remove each finished shard whose files differ from their record (sizes; checksums with --verify),
+    so it is written again. Returns how many were removed."""
+    removed = 0
+    for entry in entries:
+        try:
+            damage = shard_files_damage(out / entry["path"], checksums)
+        except ValueError as error:  # its vit_spine_shard.json is itself damaged
+            damage = [str(error)]
+        if damage:
+            print(f"chunk: {entry['path']} is damaged ({'; '.join(damage)}): writing it again")
+            shutil.rmtree(out / entry["path"])
+            removed += 1
+    return removed
+
+
+def check_same_source(manifest: dict, config: ChunkConfig, path: Path) -> None:
+    """A resumed folder must be fed from the dataset and slice table it was planned from."""
+    source = manifest.get("source") or {"data_dir": manifest.get("data_dir")}
+    if config.data_dir and source.get("data_dir") and source["data_dir"] != str(Path(config.data_dir).resolve()):
+        raise ValueError(f"{path} was planned from {source['data_dir']}, not from {Path(config.data_dir).resolve()}; "
+                         "use another --out folder for another dataset")
+    if config.slice_table and source.get("slice_table_crc32"):
+        given = slice_table_source(Path(config.slice_table))
+        if given["slice_table_crc32"] != source["slice_table_crc32"]:
+            raise ValueError(f"{path} was planned from the slice table {source['slice_table']}, and --slice_table "
+                             f"{config.slice_table} holds another one; use another --out folder for another table")
 
 
 def plan_from_entry(entry: dict[str, Any]) -> ShardPlan:

@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from vit_spine.shards import NUM_LABELS, NUM_STUDY_LABELS, SHARD_META, pixel_shape, read_table
+from vit_spine.shards import NUM_LABELS, NUM_STUDY_LABELS, SHARD_META, check_whole, pixel_shape, read_table
 
 
 @dataclass
@@ -58,6 +58,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: no such shard folder")
+        check_whole(self.path)  # sizes against the record written with the shard: a cut file is named here
         # pyarrow alone (no `datasets`): the GPU machines may not have it
         table = read_table(self.path)
         missing = {"pixel_values", "labels", "study_labels", "StudyInstanceUID", "slice_number", "z"} - set(

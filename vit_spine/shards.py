@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from vit_spine.fs import DamagedFile, check_files, read_json
+
 ARROW_FILE = "data-00000-of-00001.arrow"  # the name `save_to_disk` gives a one-file dataset
 SHARD_META = "vit_spine_shard.json"
 STATE_FILE = "state.json"
@@ -158,17 +160,39 @@ def write_dataset_files(folder: Path, schema: pa.Schema, split: str, fingerprint
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
+REPAIR = "run the same `vit-spine chunk` command again to write it anew (add --verify to check every shard's checksum)"
+
+
+def damage(folder: Path, checksums: bool = False) -> list[str]:
+    """What is wrong with a finished shard's files compared with the sizes (and, when asked, checksums)
+    recorded when it was written; [] when whole. A shard written before the record existed is not checked
+    here (`read_table` still names it when its files cannot be read)."""
+    record = read_json(Path(folder) / SHARD_META, "shard's metadata").get("files")
+    return check_files(Path(folder), record, checksums) if record else []
+
+
+def check_whole(folder: Path) -> None:
+    """DamagedFile naming the shard, what differs and how to repair it, unless its files have their recorded sizes."""
+    problems = damage(folder) if (Path(folder) / SHARD_META).is_file() else []
+    if problems:
+        raise DamagedFile(f"shard {folder} is damaged ({'; '.join(problems)}): {REPAIR}")
+
+
 def read_table(folder: Path) -> pa.Table:
     """A shard's rows as an Arrow table backed by the memory-mapped file(s) (`pixel_shape` reads its pixel shape).
 
     The Arrow files are the ones `state.json` lists, in order (`save_to_disk` may have written several).
+    A file cut short or overwritten is reported naming the shard and the fix, not as a bare pyarrow error.
     """
     try:
         state = json.loads((folder / STATE_FILE).read_text())
         names = [entry["filename"] for entry in state["_data_files"]]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{folder}: not a shard folder, no readable {STATE_FILE} ({error!r})") from error
-    tables = [pa.ipc.open_stream(pa.memory_map(str(folder / name))).read_all() for name in names]
+    try:
+        tables = [pa.ipc.open_stream(pa.memory_map(str(folder / name))).read_all() for name in names]
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DamagedFile(f"shard {folder} cannot be read ({error}): {REPAIR}") from error
     if not tables:
         raise ValueError(f"{folder}: {STATE_FILE} lists no data file")
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
