@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from test_train import toy_chunks  # noqa: F401  (fixture re-used)
 from vit_spine.evaluation import EvaluateConfig, evaluate_checkpoint
 
 
 @pytest.mark.slow
-def test_accelerate_two_cpu_processes(toy_chunks, tmp_path):  # noqa: F811
+def test_accelerate_two_cpu_processes(toy_chunks, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     accelerate = Path(sys.executable).with_name("accelerate")

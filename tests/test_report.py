@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from transformers import TrainingArguments
 
-from vit_spine import cli, train
+from vit_spine import cli, evaluation, train
 from vit_spine.chunk import ChunkConfig, chunk
 from vit_spine.evaluation import PoolingConfig
 from vit_spine.preprocess import PreprocessConfig
@@ -80,7 +80,7 @@ def test_index_html_links_every_figure(report):
 
 
 def test_training_loss_runs_on_global_steps_across_shards(trained_run):
-    rows = train.read_metrics(trained_run)
+    rows = evaluation.read_metrics(trained_run)
     curves, notes = training_loss_curves(trained_run, rows)
     assert notes == [] and [c.shard for c in curves] == [0, 1]
     assert curves[0].steps[-1] <= rows[0]["global_step"] < curves[1].steps[0] <= curves[1].steps[-1] <= rows[1]["global_step"]

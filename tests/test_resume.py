@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from test_train import run, toy_chunks  # noqa: F401  (fixture re-used)
+from toy_run import run
 
 ARGS = {"learning_rate": 1e-3, "num_train_epochs": 2, "save_strategy": "steps", "save_steps": 4}
 
@@ -50,16 +50,20 @@ def assert_same_run(a: Path, b: Path, shards: int) -> None:
     rows_b = [json.loads(l) for l in (b / "metrics.jsonl").read_text().splitlines()]
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "train_loss")} for r in rows]
     assert strip(rows_a) == strip(rows_b)
+    # the training loss of the whole shard, also when it was resumed (a stop adds a log at its checkpoint,
+    # so the same per-step losses are summed in another grouping: equal up to float rounding)
+    for ra, rb in zip(rows_a, rows_b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-12, abs=0) and ra["train_loss"] > 0
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(toy_chunks, tmp_path_factory) -> Path:  # noqa: F811
+def uninterrupted(toy_chunks, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     run(toy_chunks, out, max_shards=2, patience=5, args=ARGS)
     return out
 
 
-def test_killed_mid_shard_resumes_to_identical_weights(toy_chunks, uninterrupted, tmp_path, capsys):  # noqa: F811
+def test_killed_mid_shard_resumes_to_identical_weights(toy_chunks, uninterrupted, tmp_path, capsys):
     out = tmp_path / "run"
     rows = run(toy_chunks, out, callbacks=[SignalAt(step=6)], max_shards=2, patience=5, args=ARGS)
     assert rows == []  # stopped inside shard 0 (10 steps), nothing finished
@@ -75,7 +79,7 @@ def test_killed_mid_shard_resumes_to_identical_weights(toy_chunks, uninterrupted
     assert_same_run(uninterrupted, out, shards=2)
 
 
-def test_killed_between_shards_resumes_with_the_next_shard(toy_chunks, uninterrupted, tmp_path, capsys):  # noqa: F811
+def test_killed_between_shards_resumes_with_the_next_shard(toy_chunks, uninterrupted, tmp_path, capsys):
     out = tmp_path / "run"
     rows = run(toy_chunks, out, callbacks=[SignalAt(at_train_end=True)], max_shards=2, patience=5, args=ARGS)
     assert [r["shard"] for r in rows] == [0]  # shard 0 finished and was saved, shard 1 not started
@@ -88,7 +92,7 @@ def test_killed_between_shards_resumes_with_the_next_shard(toy_chunks, uninterru
     assert_same_run(uninterrupted, out, shards=2)
 
 
-def test_finished_run_is_not_retrained(toy_chunks, uninterrupted, tmp_path):  # noqa: F811
+def test_finished_run_is_not_retrained(toy_chunks, uninterrupted, tmp_path):
     import shutil
 
     out = Path(shutil.copytree(uninterrupted, tmp_path / "run", symlinks=True))

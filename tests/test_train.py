@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import datasets
 import numpy as np
 import pytest
 import torch
@@ -16,69 +15,9 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
 from vit_spine import train
-from vit_spine.chunk import FORMAT, SHARD_META, shard_features
 from vit_spine.evaluation import CHECKPOINT_META, PoolingConfig
 from vit_spine.model import IGNORE_INDEX, MaskedBCELoss
-
-SIZE = 32
-FEATURES = shard_features(SIZE)  # the chunker's own schema
-
-
-def write_toy_shard(path: Path, studies: list[str], rng: np.random.Generator, slices: int = 6) -> dict:
-    """A shard in the chunker's format; fractured slices carry a bright square (learnable)."""
-    rows = {k: [] for k in FEATURES}
-    for uid in studies:
-        vert = rng.random(7) < 0.3
-        study = np.array([float(vert.any()), *vert.astype(float)], dtype=np.float32)
-        for n in range(slices):
-            visible = np.zeros(7, dtype=np.float32)
-            visible[n % 7] = 1
-            fracture = visible * vert
-            image = rng.integers(0, 60, size=(3, SIZE, SIZE), dtype=np.uint8)
-            if fracture.any():
-                image[:, 8:24, 8:24] = 250
-            labels = np.concatenate([fracture, visible]).astype(np.float32)
-            if n == 0:
-                labels[7:] = np.nan  # unknown visibility must be masked, not learned as 0
-            rows["pixel_values"].append(image)
-            rows["labels"].append(labels)
-            rows["study_labels"].append(study)
-            rows["StudyInstanceUID"].append(uid)
-            rows["slice_number"].append(n + 1)
-            rows["z"].append(float(n))
-    datasets.Dataset.from_dict(rows, features=FEATURES).save_to_disk(str(path))
-    (path / SHARD_META).write_text(json.dumps({"num_slices": len(studies) * slices, "problems": []}))
-    return {"path": path.name, "num_slices": len(studies) * slices, "studies": studies}
-
-
-@pytest.fixture(scope="module")
-def toy_chunks(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("chunks")
-    rng = np.random.default_rng(0)
-    shards = []
-    for k in range(4):
-        entry = write_toy_shard(root / f"shard_{k:05d}", [f"1.2.3.{k}.{i}" for i in range(6)], rng)
-        shards.append({**entry, "split": "train"})
-    shards.append({**write_toy_shard(root / "val_00000", [f"1.2.3.9.{i}" for i in range(10)], rng), "split": "val"})
-    manifest = {"format": FORMAT, "preprocess": {"image_size": SIZE}, "shards": shards, "problems": []}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
-
-
-def make_args(**overrides) -> TrainingArguments:
-    values = train.training_defaults()
-    values.update(
-        per_device_train_batch_size=8, logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
-
-
-def run(chunks: Path, output: Path, callbacks=(), pooling=None, **config) -> list[dict]:
-    args_overrides = config.pop("args", {})
-    cfg = train.TrainConfig(chunks=str(chunks), output=str(output), model_config="tiny", augment=False, **config)
-    return train.run_training(cfg, pooling or PoolingConfig(calibration_folds=2), make_args(**args_overrides), callbacks).rows
-
+from toy_run import SIZE, make_args, run
 
 class StartWeights(TrainerCallback):
     """Records the weights each shard's Trainer starts from."""

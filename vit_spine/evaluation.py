@@ -98,6 +98,41 @@ def train_prevalence(study_labels: np.ndarray, study_ids: np.ndarray) -> np.ndar
     return per_study.mean(axis=0)
 
 
+def best_row(rows: list[dict], min_delta: float = 0.0) -> dict | None:
+    """The run's best shard: in shard order, a shard is the new best when its validation weighted log loss
+    is below the best so far by more than `min_delta` (train's --min_delta). The one rule for "best"."""
+    best = None
+    for row in sorted(rows, key=lambda r: r["shard"]):
+        if best is None or row["weighted_log_loss"] < best["weighted_log_loss"] - min_delta:
+            best = row
+    return best
+
+
+WEIGHT_FILES = ("config.json",)  # besides the *.safetensors: what `from_pretrained` needs
+
+
+def checkpoint_weight_files(checkpoint: Path) -> list[str]:
+    """The files of a checkpoint that hold the model: its safetensors (and index) and config.json."""
+    names = sorted(p.name for p in Path(checkpoint).glob("*.safetensors*"))
+    return names + [name for name in WEIGHT_FILES if (Path(checkpoint) / name).is_file()]
+
+
+def verify_checkpoint(checkpoint: Path, meta: dict) -> None:
+    """DamagedFile naming the checkpoint, what differs and how to repair it, unless its weight files have
+    the sizes and checksums recorded when it was saved (checkpoints saved before the record: not checked)."""
+    from vit_spine.fs import DamagedFile, check_files
+
+    record = meta.get("files")
+    if not record:
+        return
+    damage = check_files(Path(checkpoint), record, checksums=True)
+    if damage:
+        raise DamagedFile(
+            f"checkpoint {checkpoint} is damaged ({'; '.join(damage)}): use another shard's checkpoint, or delete "
+            f"{Path(checkpoint).name}/{CHECKPOINT_META} and run the same `vit-spine train` command again to train it anew"
+        )
+
+
 def load_json(path: Path, fix: str, text: str | None = None) -> Any:
     """JSON of a file this tool wrote (or `text`, one line of it); ValueError naming the file and `fix`
     when it is not valid JSON (cut short by a kill or a full disk, or edited by hand)."""
@@ -229,6 +264,7 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict:
 
     checkpoint = resolve_checkpoint(config.checkpoint)
     meta = read_checkpoint_meta(checkpoint)
+    verify_checkpoint(checkpoint, meta)
     chunks = Path(config.chunks) if config.chunks else default_chunks(checkpoint)
     manifest = chunking.load_manifest(chunks)
     if manifest["preprocess"] != meta["preprocess"]:

@@ -171,12 +171,13 @@ def pick_device(name: str = "auto"):
 def load_predictor(checkpoint: str | Path, device: str = "auto") -> Predictor:
     """Load a checkpoint (or a run folder's `best`) with its preprocessing, pooling and calibration."""
     from vit_spine import metrics
-    from vit_spine.evaluation import PoolingConfig, read_checkpoint_meta, resolve_checkpoint
+    from vit_spine.evaluation import PoolingConfig, read_checkpoint_meta, resolve_checkpoint, verify_checkpoint
     from vit_spine.model import load_model
     from vit_spine.preprocess import PreprocessConfig
 
     path = resolve_checkpoint(checkpoint)
     meta = read_checkpoint_meta(path)
+    verify_checkpoint(path, meta)
     if "preprocess" not in meta:
         raise ValueError(f"{path}: vit_spine.json has no `preprocess` entry; cannot know how to render slices")
     preprocess = PreprocessConfig.from_dict(meta["preprocess"])

@@ -485,15 +485,21 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;t
 
 def build_report(config: ReportConfig) -> tuple[Path, list[Figure]]:
     """Write every figure and index.html; returns (index.html, figures)."""
+    from vit_spine.fs import FolderLock
+
+    run_dir = Path(config.run_dir)
+    out = Path(config.out) if config.out else run_dir / "report"
+    rows = read_run_metrics(run_dir)
+    with FolderLock(out, "vit-spine report"):  # two reports into one folder would mix their figures
+        return _build_report(config, run_dir, out, rows)
+
+
+def _build_report(config: ReportConfig, run_dir: Path, out: Path, rows: list[dict]) -> tuple[Path, list[Figure]]:
     import torch
 
     from vit_spine.evaluation import default_chunks, resolve_checkpoint
     from vit_spine.predict import load_predictor
 
-    run_dir = Path(config.run_dir)
-    out = Path(config.out) if config.out else run_dir / "report"
-    rows = read_run_metrics(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("profile_*.png"), *out.glob("saliency_*.png")]:
         old.unlink()  # an earlier report may have drawn more of them; index.html must match the folder
     checkpoint = resolve_checkpoint(run_dir)

@@ -11,6 +11,7 @@ stops after --patience shards without improvement.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import ConcatDataset, Dataset, Subset
 from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vit_spine import chunk as chunking
 from vit_spine.cli import parse_config
@@ -38,13 +39,17 @@ from vit_spine.data import AugmentConfig, ShardDataset, balanced_sampler, collat
 from vit_spine.evaluation import (
     CHECKPOINT_META,
     METRICS_FILE,
+    best_row,
+    checkpoint_weight_files,
+    read_checkpoint_meta,
+    verify_checkpoint,
     PoolingConfig,
     ValidationSet,
     format_table,
-    read_metrics,
     score_predictions,
     train_prevalence,
 )
+from vit_spine.fs import FolderLock, check_files, durable_replace, file_record, flush_folder_files, write_json_atomic, write_text_atomic
 from vit_spine.model import IGNORE_INDEX, MaskedBCELoss, create_model, fracture_pos_weight, load_model
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -229,6 +234,13 @@ class ShardTrainer(Trainer):
         inputs["pixel_values"] = model_input(inputs["pixel_values"], augment)
         return inputs
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer writes checkpoint-N file by file; a kill or a full disk in the middle leaves a folder
+        that its resume would trust. The marker written last (after the files are on disk) says it is whole."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            mark_checkpoint_complete(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.positive_fraction is None:
@@ -251,6 +263,70 @@ class ShardTrainer(Trainer):
             self.lr_scheduler = LambdaLR(optimizer, lambda step: factor(step + offset))
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+
+CHECKPOINT_COMPLETE = "vit_spine_complete.json"  # in a Trainer checkpoint-N: its files' sizes and checksums
+
+
+def mark_checkpoint_complete(folder: Path) -> None:
+    """Flush a finished Trainer checkpoint to disk, then record its files; the record is the "complete" mark."""
+    flush_folder_files(folder)
+    write_json_atomic(folder / CHECKPOINT_COMPLETE, file_record(folder))
+
+
+def checkpoint_damage(folder: Path) -> list[str]:
+    """Why a Trainer checkpoint cannot be resumed from ([] when it is whole: marked, and its files as recorded)."""
+    marker = folder / CHECKPOINT_COMPLETE
+    if not marker.is_file():
+        return ["not marked complete: it was being written when the run stopped"]
+    try:
+        record = json.loads(marker.read_text())
+    except ValueError:
+        return [f"{CHECKPOINT_COMPLETE} is damaged"]
+    record.pop(CHECKPOINT_COMPLETE, None)
+    return check_files(folder, record, checksums=True)
+
+
+def last_complete_checkpoint(trainer_dir: Path, remove_torn: bool) -> str | None:
+    """The newest whole Trainer checkpoint under `trainer_dir`; newer torn ones are removed (by the main
+    process, `remove_torn`) with a message, so the shard resumes from the one before, or from its start."""
+    if not trainer_dir.is_dir():
+        return None
+    folders = [p for p in trainer_dir.iterdir() if p.is_dir() and p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")]
+    for folder in sorted(folders, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
+        damage = checkpoint_damage(folder)
+        if not damage:
+            return str(folder)
+        if remove_torn:
+            print(f"removing the torn Trainer checkpoint {folder} ({'; '.join(damage)})", flush=True)
+            shutil.rmtree(folder)
+    return None
+
+
+class AlignLogs(TrainerCallback):
+    """Log the loss at every checkpoint and at the shard's last step.
+
+    A logged loss is the mean since the previous log, and a resumed Trainer starts counting at its
+    checkpoint. With a log at every checkpoint the log history of a resumed shard is the one of an
+    uninterrupted shard, and with a log at the last step it covers every step: `shard_train_loss`
+    of it is then the same number whatever happened in between.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:
+            control.should_log = True
+
+
+def shard_train_loss(log_history: list[dict]) -> float:
+    """The mean training loss over the shard's steps, from its log history (each logged loss weighted by
+    the steps it covers); NaN when nothing was logged."""
+    logged = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
+    total, steps, previous = 0.0, 0, 0
+    for step, loss in logged:
+        total += loss * (step - previous)
+        steps += step - previous
+        previous = step
+    return total / steps if steps else float("nan")
 
 
 def update_steps(num_examples: int, args: TrainingArguments) -> int:
@@ -306,7 +382,8 @@ def check_run_config(output: Path, current: dict) -> None:
 
     saved = load_json(path, "use a new --output folder, or, when the run's chunks and model are unchanged, delete it "
                             "and run the same `vit-spine train` command again")
-    differs = [k for k in current if saved.get(k) != current[k]]
+    # a key an older run did not record cannot have differed
+    differs = [k for k in current if k in saved and saved[k] != current[k]]
     if differs:
         details = "; ".join(f"{k}: was {saved.get(k)!r}, now {current[k]!r}" for k in differs)
         raise ValueError(f"{output} holds a run with another configuration ({details}). Use a new --output folder.")
@@ -427,11 +504,12 @@ def prepare_run(config: TrainConfig, pooling: PoolingConfig, args: TrainingArgum
         "patch_size": config.patch_size,
         "image_size": image_size,
         "preprocess": manifest["preprocess"],
+        "manifest": chunking.plan_fingerprint(manifest),  # the shards it was built from: a re-chunk is refused
+        "min_delta": config.min_delta,  # part of the one "best" rule
     }
     check_run_config(output, identity)
     if state.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / RUN_CONFIG_FILE).write_text(json.dumps(identity, indent=2))
+        write_json_atomic(output / RUN_CONFIG_FILE, identity, indent=2)
     state.wait_for_everyone()
 
     train_sets = [ShardDataset(chunks / e["path"]) for e in entries]
@@ -464,7 +542,9 @@ def starting_model(run: Run, k: int, resume_from: str | None):
         image_size = int(run.manifest["preprocess"]["image_size"])
         return create_model(run.config.model, run.config.model_config, image_size=image_size, seed=run.args.seed,
                             patch_size=run.config.patch_size)
-    return load_model(shard_dir(run.output, k - 1))
+    previous = shard_dir(run.output, k - 1)
+    verify_checkpoint(previous, read_checkpoint_meta(previous))  # shard k starts from exactly these weights
+    return load_model(previous)
 
 
 def train_shard(run: Run, k: int, offset: int, stop: StopRequest, callbacks: Sequence[TrainerCallback]) -> dict | None:
@@ -472,7 +552,10 @@ def train_shard(run: Run, k: int, offset: int, stop: StopRequest, callbacks: Seq
     start = time.time()
     args = run.args
     args.output_dir = str(shard_dir(run.output, k) / "trainer")
-    resume_from = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if run.state.is_main_process:
+        last_complete_checkpoint(Path(args.output_dir), remove_torn=True)
+    run.state.wait_for_everyone()
+    resume_from = last_complete_checkpoint(Path(args.output_dir), remove_torn=False)
     if resume_from is not None:
         print(f"shard {k}: resuming from {resume_from}", flush=True)
     train_dataset = with_replay(run.train_sets[k], run.train_sets[:k], run.config.replay_fraction, seed=args.seed + k)
@@ -482,13 +565,13 @@ def train_shard(run: Run, k: int, offset: int, stop: StopRequest, callbacks: Seq
         train_dataset=train_dataset,
         data_collator=collate,
         compute_loss_func=run.loss,
-        callbacks=[stop, *callbacks],
+        callbacks=[AlignLogs(), stop, *callbacks],
         schedule_offset=offset,
         schedule_total=run.schedule_total,
         positive_fraction=run.config.positive_fraction,
         augment=run.augment,
     )
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.train(resume_from_checkpoint=resume_from)
     if stop.requested and trainer.state.global_step < trainer.state.max_steps:
         print(
             f"stopped in shard {k} at step {trainer.state.global_step}; checkpoint in {args.output_dir}. "
@@ -506,15 +589,13 @@ def train_shard(run: Run, k: int, offset: int, stop: StopRequest, callbacks: Seq
         "global_step": offset + steps,
         "shard_steps": steps,
         "world_size": args.world_size,
-        "train_loss": float(result.training_loss),
+        "train_loss": shard_train_loss(trainer.state.log_history),  # the whole shard's, across resumes
         "train_slices": len(train_dataset),
         **scores,
         "elapsed_s": round(time.time() - start, 1),
     }
     if run.state.is_main_process:
         save_shard(trainer, shard_dir(run.output, k), row, run, calibrator)
-        with open(run.output / METRICS_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
     # the next shard loads this one's weights on every process
     run.state.wait_for_everyone()
     return row
@@ -531,17 +612,53 @@ def run_training(
 
     `augment` sets the augmentation used when `config.augment` is on (default: `AugmentConfig()`).
     """
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise NotADirectoryError(f"--output {output}: a file, not a folder")
+    lock = FolderLock(output, "vit-spine train") if PartialState().is_main_process else contextlib.nullcontext()
+    with lock:
+        return _run_training(config, pooling, args, callbacks, augment)
+
+
+def finished_rows(output: Path) -> list[dict]:
+    """The metrics rows of the run's finished shards, from their checkpoints (the marker holds the row),
+    in shard order. metrics.jsonl is derived from them, so a kill between the two cannot lose a row."""
+    rows = []
+    for folder in sorted(output.glob("shard_*")):
+        meta_path = folder / CHECKPOINT_META
+        if meta_path.is_file():
+            rows.append(read_checkpoint_meta(folder)["metrics"])  # a damaged one is named, with the fix
+    return sorted(rows, key=lambda row: row["shard"])
+
+
+def write_run_files(run: Run, rows: list[dict]) -> None:
+    """metrics.jsonl, `best` and all_results.json from the finished rows: each rewritten whole, atomically."""
+    path = run.output / METRICS_FILE
+    if not run.state.is_main_process or (not rows and not path.exists()):
+        return
+    metrics = "".join(json.dumps(row) + "\n" for row in rows)
+    if not path.is_file() or path.read_text() != metrics:
+        write_text_atomic(path, metrics)
+    best = best_row(rows, run.config.min_delta)
+    if best is not None:
+        link = run.output / "best"
+        if not link.is_symlink() or os.readlink(link) != shard_dir(run.output, best["shard"]).name:
+            point_best(run.output, best["shard"])
+        write_summary(run.output, rows, best)
+
+
+def _run_training(config, pooling, args, callbacks, augment) -> RunResult:
     run = prepare_run(config, pooling, args, augment or AugmentConfig())
-    rows = read_metrics(run.output)
-    done = {row["shard"] for row in rows if (shard_dir(run.output, row["shard"]) / CHECKPOINT_META).exists()}
-    rows = [row for row in rows if row["shard"] in done]
-    best = min(rows, key=lambda r: r["weighted_log_loss"], default=None)
+    rows = finished_rows(run.output)
+    write_run_files(run, rows)  # repairs what a kill between a shard's checkpoint and these files left
+    done = {row["shard"] for row in rows}
     stop = StopRequest()
     stop.install()
     interrupted = False
     pusher = ShardPusher(run) if run.hub_model_id and run.state.is_main_process else None
     try:
         for k in range(len(run.train_sets)):
+            best = best_row(rows, config.min_delta)
             if best is not None and max(done, default=-1) - best["shard"] >= config.patience:
                 break  # early-stopped (in this invocation or an earlier one)
             if k in done:
@@ -557,10 +674,8 @@ def run_training(
                 break
             rows.append(row)
             done.add(k)
-            if best is None or row["weighted_log_loss"] < best["weighted_log_loss"] - config.min_delta:
-                best = row
-                if run.state.is_main_process:
-                    point_best(run.output, k)
+            write_run_files(run, rows)
+            best = best_row(rows, config.min_delta)
             print(format_table([row]).splitlines()[-1], flush=True)
             if pusher is not None:
                 pusher.submit(k, is_best=best["shard"] == k)
@@ -569,10 +684,9 @@ def run_training(
     finally:
         stop.uninstall()
         failed_pushes = pusher.finish() if pusher is not None else []
-    if run.state.is_main_process and best is not None:
-        write_summary(run.output, rows, best)
     for failure in failed_pushes:
         print(f"push failed: {failure.summary()}")
+    best = best_row(rows, config.min_delta)
     return RunResult(
         rows=rows,
         best_shard=None if best is None else best["shard"],
@@ -667,23 +781,24 @@ def save_shard(trainer: Trainer, directory: Path, row: dict, run: Run, calibrato
         "seed": run.args.seed,  # seeds the cross-fitted calibration folds; evaluate reuses it
         "baseline_prevalence": run.prevalence.tolist(),  # of the training studies; evaluate's baseline
     }
-    chunking.flush_folder_files(directory)  # the weights are on disk before the marker says "done"
+    meta["files"] = file_record(directory, checkpoint_weight_files(directory))  # checked whenever it is loaded
+    flush_folder_files(directory)  # the weights are on disk before the marker says "done"
     tmp = directory / (CHECKPOINT_META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
-    chunking.durable_replace(tmp, directory / CHECKPOINT_META)
+    durable_replace(tmp, directory / CHECKPOINT_META)
     if not run.config.keep_trainer_checkpoints:
         shutil.rmtree(directory / "trainer", ignore_errors=True)
 
 
-def write_summary(output: Path, rows: list[dict], best_row: dict) -> None:
+def write_summary(output: Path, rows: list[dict], best: dict) -> None:
     summary = {
-        "best_shard": best_row["shard"],
-        "best_weighted_log_loss": best_row["weighted_log_loss"],
-        "baseline_weighted_log_loss": best_row["baseline_weighted_log_loss"],
+        "best_shard": best["shard"],
+        "best_weighted_log_loss": best["weighted_log_loss"],
+        "baseline_weighted_log_loss": best["baseline_weighted_log_loss"],
         "shards_trained": len(rows),
         "global_step": max(r["global_step"] for r in rows),
     }
-    (output / "all_results.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(output / "all_results.json", summary, indent=2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
