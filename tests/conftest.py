@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def synth_config(tmp_path_factory: pytest.TempPathFactory) -> SynthConfig:
     """The options `synth_data` was written with (10 studies, 3 of them test, 40 slices of 128 px)."""
     out = tmp_path_factory.mktemp("synth") / "data"
-    return SynthConfig(out=str(out), studies=10, test_studies=3, slices=40, size=128, seed=0)
+    return SynthConfig(output_dir=str(out), num_studies=10, num_test_studies=3, num_slices=40, size=128, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +37,45 @@ def synth_data(synth_config: SynthConfig) -> Path:
     Holds every transfer syntax and pixel format synth writes, both slice orders, segmentations,
     boxes and `ground_truth.csv`. Treat it as read-only: other tests share it.
     """
-    out = Path(synth_config.out)
+    out = Path(synth_config.output_dir)
     synthesize(out, synth_config)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two tiny shards trained on `synth_data` (scan -> chunk -> train, as a user would), --seed 0, 2 calibration
+    folds; the chunks are `trained_run.parent / "chunks"`. Treat it as read-only: other tests share it."""
+    from transformers import TrainingArguments
+
+    from vit_spine import train
+    from vit_spine.chunk import ChunkConfig, chunk
+    from vit_spine.evaluation import PoolingConfig
+    from vit_spine.preprocess import PreprocessConfig
+    from vit_spine.scan import ScanConfig, scan, write_scan
+
+    root = tmp_path_factory.mktemp("trained")
+    table = scan(synth_data, ScanConfig(data_dir=str(synth_data), workers=1, progress=False))
+    write_scan(table, root / "slices.parquet")
+    chunks = root / "chunks"
+    chunk(
+        ChunkConfig(
+            data_dir=str(synth_data), output_dir=str(chunks), slice_table=str(root / "slices.parquet"), shard_size=100,
+            val_fraction=0.3, ignore_folds=True, workers=0, progress=False, rank=0, world_size=1,
+        ),
+        PreprocessConfig(image_size=32),
+    )
+    args = TrainingArguments(
+        **{
+            **train.training_defaults(),
+            "per_device_train_batch_size": 16, "logging_steps": 2, "save_strategy": "no", "use_cpu": True,
+            "disable_tqdm": True, "seed": 0, "learning_rate": 1e-3, "output_dir": str(root / "run"),
+        }
+    )
+    config = train.TrainConfig(chunks=str(chunks), model_config="tiny", augment=False, patience=5, max_shards=2)
+    result = train.run_training(config, PoolingConfig(calibration_folds=2), args)
+    assert len(result.rows) == 2
+    return root / "run"
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -20,8 +19,10 @@ import pytest
 
 from vit_spine import cli
 from vit_spine.chunk import ChunkConfig, chunk
-from vit_spine.evaluation import CHECKPOINT_META, PoolingConfig
-from vit_spine.model import create_model
+from vit_spine.artifacts import RunDir, write_checkpoint_meta
+from vit_spine.evaluation import PoolingConfig
+from vit_spine.schema import CHECKPOINT_META_FILE
+from vit_spine.models import create_model
 from vit_spine.predict import PredictConfig
 from vit_spine.preprocess import PreprocessConfig
 from vit_spine.scan import ScanConfig, scan, write_scan
@@ -33,9 +34,9 @@ IMAGE_SIZE = 32
 def write_checkpoint(folder: Path) -> Path:
     """A tiny random-init ViT saved the way train saves a shard (weights, config.json, vit_spine.json)."""
     create_model(model_config="tiny", image_size=IMAGE_SIZE).save_pretrained(folder)
-    meta = {"format": 1, "shard": 0, "preprocess": PreprocessConfig(image_size=IMAGE_SIZE).to_dict(),
-            "pooling": asdict(PoolingConfig()), "calibration": None, "metrics": {}, "baseline_prevalence": [0.5] * 8}
-    (folder / CHECKPOINT_META).write_text(json.dumps(meta))
+    write_checkpoint_meta(folder, {"shard": 0, "preprocess": PreprocessConfig(image_size=IMAGE_SIZE).to_dict(),
+                                   "pooling": asdict(PoolingConfig()), "calibration": None, "metrics": {},
+                                   "baseline_prevalence": [0.5] * 8})
     return folder
 
 
@@ -56,16 +57,15 @@ def workspace(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     table = root / "slices.parquet"
     write_scan(scan(synth_data, ScanConfig(data_dir=str(synth_data), workers=1, progress=False)), table)
     chunks = root / "chunks"
-    chunk(ChunkConfig(data_dir=str(synth_data), out=str(chunks), slice_table=str(table), shard_size=200,
+    chunk(ChunkConfig(data_dir=str(synth_data), output_dir=str(chunks), slice_table=str(table), shard_size=200,
                       val_fraction=0.3, ignore_folds=True, workers=0, progress=False, rank=0, world_size=1),
           PreprocessConfig(image_size=IMAGE_SIZE))
     run = root / "run"
     checkpoint = write_checkpoint(run / "shard_00000")
-    (run / "best").symlink_to("shard_00000")
-    (run / "run_config.json").write_text(json.dumps({"chunks": str(chunks)}))
+    RunDir(run).write_run_config({"chunks": str(chunks)})
     row = {"shard": 0, "global_step": 1, "weighted_log_loss": 0.6, "weighted_log_loss_uncalibrated": 0.7,
            "baseline_weighted_log_loss": 0.65, "auc": {}}
-    (run / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    RunDir(run).write_rows([row], min_delta=0.0)  # metrics.jsonl, best -> shard_00000, all_results.json
     existing = root / "existing"  # what synth takes for a dataset already there
     existing.mkdir()
     (existing / "train.csv").write_text("StudyInstanceUID,patient_overall\n")
@@ -80,7 +80,7 @@ def workspace(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         "cut_weights": damaged_copy(checkpoint, damaged / "cut_weights",
                                     lambda p: cut(p / "model.safetensors", (p / "model.safetensors").stat().st_size // 2)),
         "cut_config": damaged_copy(checkpoint, damaged / "cut_config", lambda p: cut(p / "config.json", 20)),
-        "cut_meta": damaged_copy(checkpoint, damaged / "cut_meta", lambda p: cut(p / CHECKPOINT_META, 20)),
+        "cut_meta": damaged_copy(checkpoint, damaged / "cut_meta", lambda p: cut(p / CHECKPOINT_META_FILE, 20)),
         "cut_manifest": damaged_copy(chunks, damaged / "cut_manifest", lambda p: cut(p / "manifest.json", 30)),
         "cut_metrics": damaged_copy(run, damaged / "cut_metrics", lambda p: cut(p / "metrics.jsonl", 10)),
         "cut_run_config": damaged_copy(run, damaged / "cut_run_config", lambda p: cut(p / "run_config.json", 5)),
@@ -121,19 +121,22 @@ def cuda_available() -> bool:
 CASES = [
     # synth
     pytest.param(["synth", "{existing}"], ["{existing} already holds a dataset", "--overwrite"], id="synth-existing-dataset"),
-    pytest.param(["synth", "{file}"], ["OUT {file}: a file, not a folder"], id="synth-out-is-a-file"),
-    pytest.param(["synth"], ["required", "OUT"], id="synth-missing-out"),
-    pytest.param(["synth", "{new}", "--studies", "x"], ["--studies", "invalid int value"], id="synth-not-a-number"),
+    pytest.param(["synth", "{file}"], ["OUTPUT_DIR {file}: a file, not a folder"], id="synth-out-is-a-file"),
+    pytest.param(["synth"], ["required: OUTPUT_DIR"], id="synth-missing-out"),
+    pytest.param(["synth", "{new}", "--studies", "x"], ["argument --num_studies: invalid int value"], id="synth-not-a-number"),
     pytest.param(["synth", "{new}", "--bogus", "1"], ["unrecognized argument(s): --bogus 1"], id="synth-unknown-option"),
-    pytest.param(["synth", "{new}", "--studies", "1"], ["--studies must be at least 2"], id="synth-too-few-studies"),
+    pytest.param(["synth", "{new}", "--studies", "1"], ["--num_studies must be at least 2"], id="synth-too-few-studies"),
+    pytest.param(["synth", "{new}", "--num_studies", "1"], ["--num_studies must be at least 2"], id="synth-too-few-num-studies"),
+    pytest.param(["synth", "{new}", "--out", "{tmp}/other"], ["--output_dir {new} and --out {tmp}/other both set --output_dir: give it once"],
+                 id="synth-output-dir-twice"),
     pytest.param(["synth", "{new}", "--workers", "0"], ["--workers must be at least 1"], id="synth-zero-workers"),
     pytest.param(["synth", "{new}", "--size", "10"], ["--size must be at least 64"], id="synth-tiny-size"),
     # scan
-    pytest.param(["scan", "{data}", "--out", "{tmp}"], ["--out {tmp}: a folder, not a file"], id="scan-out-is-a-folder"),
-    pytest.param(["scan", "{data}", "--out", "{file}/t.parquet"], ["--out {file}/t.parquet", "is a file"], id="scan-out-under-a-file"),
+    pytest.param(["scan", "{data}", "--out", "{tmp}"], ["--output_file {tmp}: a folder, not a file"], id="scan-out-is-a-folder"),
+    pytest.param(["scan", "{data}", "--out", "{file}/t.parquet"], ["--output_file {file}/t.parquet", "is a file"], id="scan-out-under-a-file"),
     pytest.param(["scan", "{nothing}", "--out", "{new}.parquet"], ["{nothing}: no such directory"], id="scan-missing-data-dir"),
     pytest.param(["scan", "{file}", "--out", "{new}.parquet"], ["DATA_DIR {file}: a file, not a folder"], id="scan-data-dir-is-a-file"),
-    pytest.param(["scan", "{data}"], ["--out FILE.parquet is required"], id="scan-without-out"),
+    pytest.param(["scan", "{data}"], ["--output_file FILE.parquet is required"], id="scan-without-out"),
     pytest.param(["scan", "{data}", "--out", "{new}.parquet", "--workers", "0"], ["--workers must be at least 1"], id="scan-zero-workers"),
     pytest.param(["scan", "{data}", "--out", "{new}.parquet", "--workers", "many"], ["--workers", "invalid int value"], id="scan-workers-not-a-number"),
     pytest.param(["scan", "{data}", "--out", "{new}.parquet", "--vertebrae_table", "{nothing}.csv"], ["{nothing}.csv: no such file"],
@@ -142,7 +145,7 @@ CASES = [
                  id="scan-vertebrae-table-is-a-folder"),
     pytest.param(["scan", "{tmp}", "--out", "{new}.parquet"], ["no study folder under train_images/ or test_images/"], id="scan-no-studies"),
     # chunk
-    pytest.param(["chunk", "{data}", "--slice_table", "{table}", "--out", "{file}"], ["--out {file}: a file, not a folder"], id="chunk-out-is-a-file"),
+    pytest.param(["chunk", "{data}", "--slice_table", "{table}", "--out", "{file}"], ["--output_dir {file}: a file, not a folder"], id="chunk-out-is-a-file"),
     pytest.param(["chunk", "{data}", "--slice_table", "{nothing}", "--out", "{new}"], ["--slice_table {nothing}: no such file"],
                  id="chunk-missing-slice-table"),  # refused before --out is made
     pytest.param(["chunk", "{nothing}", "--out", "{new}"], ["DATA_DIR {nothing}: no such directory"], id="chunk-missing-data-dir"),
@@ -155,16 +158,19 @@ CASES = [
                  id="chunk-zero-shard-size"),
     pytest.param(["chunk", "{data}", "--slice_table", "{table}", "--out", "{new}", "--val_fraction", "1.5"], ["--val_fraction"],
                  id="chunk-val-fraction-above-1"),
-    pytest.param(["chunk", "{data}", "--slice_table", "{table}", "--out", "{new}", "--channels", "rgb"], ["--channels", "invalid choice"],
+    pytest.param(["chunk", "{data}", "--slice_table", "{table}", "--out", "{new}", "--channels", "rgb"],
+                 ["--channels 'rgb': not a channel scheme; known: bone25d, windows"],
                  id="chunk-unknown-channels"),
     pytest.param(["chunk", "{data}", "--slice_table", "{table}", "--out", "{new}", "--workers", "-1"], ["--workers must be at least 0"],
                  id="chunk-negative-workers"),
     pytest.param(["chunk", "{data}", "--slice_table", "{table}", "--out", "{new}", "--rank", "3", "--world_size", "2"], ["--rank 3"],
                  id="chunk-rank-outside-world"),
     pytest.param(["chunk", "--out", "{new}"], ["give DATA_DIR or --slice_table"], id="chunk-without-input"),
+    pytest.param(["chunk", "{data}", "--slice_table", "{table}", "--output_dir", "{file}"], ["--output_dir {file}: a file, not a folder"],
+                 id="chunk-output-dir-is-a-file"),
     pytest.param(["chunk", "--out", "{cut_manifest}"], ["{cut_manifest}/manifest.json: not valid JSON", "vit-spine chunk"], id="chunk-cut-manifest"),
     # train
-    pytest.param(["train", "--chunks", "{chunks}", "--output", "{file}", "--model_config", "tiny"], ["--output {file}: a file"],
+    pytest.param(["train", "--chunks", "{chunks}", "--output", "{file}", "--model_config", "tiny"], ["--output_dir {file}: a file"],
                  id="train-output-is-a-file"),
     pytest.param(["train", "--chunks", "{nothing}", "--output", "{new}", "--model_config", "tiny"], ["{nothing}"], id="train-missing-chunks"),
     pytest.param(["train", "--chunks", "{file}", "--output", "{new}", "--model_config", "tiny"], ["--chunks {file}: a file"], id="train-chunks-is-a-file"),
@@ -176,9 +182,9 @@ CASES = [
                  ["--fracture_pos_weight_max must be greater than 0"], id="train-negative-pos-weight"),
     pytest.param(["train", "--chunks", "{chunks}", "--output", "{new}", "--model_config", "huge"], ["--model_config 'huge'"],
                  id="train-unknown-model-config"),
-    pytest.param(["train", "--chunks", "{chunks}", "--output", "{new}", "--model", "{ck}", "--model_config", "tiny"], ["--model or --model_config"],
+    pytest.param(["train", "--chunks", "{chunks}", "--output", "{new}", "--model", "{ck}", "--model_config", "tiny"], ["--model_name_or_path or --model_config"],
                  id="train-model-and-model-config"),
-    pytest.param(["train", "--chunks", "{chunks}", "--output", "{new}", "--model", "{tmp}"], ["--model {tmp}: no config.json"],
+    pytest.param(["train", "--chunks", "{chunks}", "--output", "{new}", "--model", "{tmp}"], ["--model_name_or_path {tmp}: no config.json"],
                  id="train-model-folder-without-config"),
     pytest.param(["train", "--chunks", "{chunks}", "--output", "{new}", "--model_config", "tiny", "--per_device_train_batch_size", "0"],
                  ["--per_device_train_batch_size must be at least 1"], id="train-zero-batch-size"),
@@ -189,18 +195,26 @@ CASES = [
     pytest.param(["train", "--chunks", "{cut_manifest}", "--output", "{new}", "--model_config", "tiny"],
                  ["{cut_manifest}/manifest.json: not valid JSON"], id="train-cut-manifest"),
     pytest.param(["train", "--output", "{new}", "--model_config", "tiny"], ["required", "--chunks"], id="train-missing-chunks-option"),
+    pytest.param(["train", "--chunks", "{chunks}", "--model_config", "tiny"], ["required: --output_dir"], id="train-missing-output-dir"),
+    pytest.param(["train", "--chunks", "{chunks}", "--output", "{new}", "--output_dir", "{tmp}/b", "--model_config", "tiny"],
+                 ["--output {new} and --output_dir {tmp}/b both set --output_dir: give it once"], id="train-output-and-output-dir-differ"),
+    pytest.param(["train", "--chunks", "{chunks}", "--output_dir", "{new}", "--model_config", "tiny", "--eval_strategy", "steps"],
+                 ["--eval_strategy steps: not supported by `vit-spine train`"], id="train-eval-strategy-steps"),
+    pytest.param(["train", "--chunks", "{chunks}", "--output_dir", "{new}", "--model_config", "tiny", "--resume_from_checkpoint", "{ck}"],
+                 ["--resume_from_checkpoint {ck}: not supported by `vit-spine train`: a run resumes by itself"],
+                 id="train-resume-from-checkpoint"),
     pytest.param(["train", "--chunks", "{chunks}", "--output", "{new}", "--frobnicate"], ["unrecognized argument(s): --frobnicate"],
                  id="train-unknown-option"),
     # evaluate
-    pytest.param(["evaluate", "{run}", "--out", "{tmp}"], ["--out {tmp}: a folder, not a file"], id="evaluate-out-is-a-folder"),
+    pytest.param(["evaluate", "{run}", "--out", "{tmp}"], ["--output_file {tmp}: a folder, not a file"], id="evaluate-out-is-a-folder"),
     pytest.param(["evaluate", "{tmp}"], ["is neither a vit-spine checkpoint"], id="evaluate-not-a-checkpoint"),
     pytest.param(["evaluate", "{nothing}"], ["{nothing}"], id="evaluate-missing-checkpoint"),
     pytest.param(["evaluate", "{file}"], ["CHECKPOINT {file}: a file"], id="evaluate-checkpoint-is-a-file"),
     pytest.param(["evaluate"], ["required", "CHECKPOINT"], id="evaluate-missing-checkpoint-argument"),
     pytest.param(["evaluate", "{run}", "--batch_size", "0"], ["--batch_size must be at least 1"], id="evaluate-zero-batch-size"),
-    pytest.param(["evaluate", "{no_config}", "--chunks", "{chunks}"], ["{no_config}/config.json: missing", "vit-spine train"],
+    pytest.param(["evaluate", "{no_config}", "--chunks", "{chunks}"], ["checkpoint {no_config} is damaged (config.json is missing)", "vit-spine train"],
                  id="evaluate-checkpoint-without-config"),
-    pytest.param(["evaluate", "{no_weights}", "--chunks", "{chunks}"], ["{no_weights}/model.safetensors: missing"],
+    pytest.param(["evaluate", "{no_weights}", "--chunks", "{chunks}"], ["checkpoint {no_weights} is damaged (model.safetensors is missing)"],
                  id="evaluate-checkpoint-without-weights"),
     pytest.param(["evaluate", "{cut_weights}", "--chunks", "{chunks}"], ["checkpoint {cut_weights}", "damaged", "vit-spine train"],
                  id="evaluate-cut-weights"),
@@ -211,7 +225,7 @@ CASES = [
     pytest.param(["evaluate", "{ck}", "--chunks", "{cut_manifest}"], ["{cut_manifest}/manifest.json: not valid JSON"], id="evaluate-cut-manifest"),
     pytest.param(["evaluate", "{cut_run_config}"], ["{cut_run_config}/run_config.json: not valid JSON", "--chunks"], id="evaluate-cut-run-config"),
     # predict
-    pytest.param(["predict", "{run}", "{data}/test_images", "--out", "{tmp}"], ["--out {tmp}: a folder, not a file"], id="predict-out-is-a-folder"),
+    pytest.param(["predict", "{run}", "{data}/test_images", "--out", "{tmp}"], ["--output_file {tmp}: a folder, not a file"], id="predict-out-is-a-folder"),
     pytest.param(["predict", "{run}", "{data}/test_images", "--out", "{new}.csv", "--device", "foo"], ["--device 'foo'"], id="predict-unknown-device"),
     pytest.param(["predict", "{run}", "{data}/test_images", "--out", "{new}.csv", "--device", "cuda"], ["--device cuda: CUDA is not available"],
                  id="predict-cuda-without-cuda", marks=pytest.mark.skipif("cuda_available()")),
@@ -220,7 +234,7 @@ CASES = [
     pytest.param(["predict", "{run}"], ["required", "PATHS"], id="predict-missing-paths"),
     pytest.param(["predict", "{run}", "{data}/test_images", "--out", "{new}.csv", "--studies", "{nothing}.csv"], ["{nothing}.csv: no such file"],
                  id="predict-missing-studies"),
-    pytest.param(["predict", "{run}", "{data}/test_images", "--out", "{new}.csv", "--studies", "{tmp}"], ["--studies {tmp}: a folder"],
+    pytest.param(["predict", "{run}", "{data}/test_images", "--out", "{new}.csv", "--studies", "{tmp}"], ["--studies_csv {tmp}: a folder"],
                  id="predict-studies-is-a-folder"),
     pytest.param(["predict", "{run}", "{data}/test_images", "--out", "{new}.csv", "--studies", "{file}"], ["{file}: missing column(s)"],
                  id="predict-studies-not-a-test-table"),
@@ -230,23 +244,24 @@ CASES = [
                  id="predict-zero-batch-size"),
     pytest.param(["predict", "{run}", "{data}/test_images", "--out", "{new}.csv", "--workers", "-1"], ["--workers must be at least 0"],
                  id="predict-negative-workers"),
-    pytest.param(["predict", "{no_config}", "{data}/test_images", "--out", "{new}.csv"], ["{no_config}/config.json: missing"],
+    pytest.param(["predict", "{no_config}", "{data}/test_images", "--out", "{new}.csv"], ["checkpoint {no_config} is damaged (config.json is missing)"],
                  id="predict-checkpoint-without-config"),
     pytest.param(["predict", "{cut_weights}", "{data}/test_images", "--out", "{new}.csv"], ["checkpoint {cut_weights}", "damaged"],
                  id="predict-cut-weights"),
     # push
-    pytest.param(["push", "{run}"], ["required", "--repo_id"], id="push-missing-repo-id"),
-    pytest.param(["push", "{run}", "--repo_id", "nope"], ["--repo_id 'nope': expected `owner/name`"], id="push-bad-repo-id"),
+    pytest.param(["push", "{run}"], ["required: --hub_model_id"], id="push-missing-repo-id"),
+    pytest.param(["push", "{run}", "--repo_id", "nope"], ["--hub_model_id 'nope': expected `owner/name`"], id="push-bad-repo-id"),
     pytest.param(["push", "{nothing}", "--repo_id", "a/b"], ["{nothing} is neither a vit-spine checkpoint"], id="push-missing-checkpoint"),
     pytest.param(["push", "{file}", "--repo_id", "a/b"], ["CHECKPOINT {file}: a file"], id="push-checkpoint-is-a-file"),
     pytest.param(["push", "{run}", "--repo_id", "a/b", "--retries", "0"], ["--retries 0"], id="push-zero-retries"),
     pytest.param(["push", "{run}", "--repo_id", "a/b", "--backoff", "-1"], ["--backoff must be at least 0"], id="push-negative-backoff"),
+    pytest.param(["push", "{run}", "--hub_model_id", "nope"], ["--hub_model_id 'nope': expected `owner/name`"], id="push-bad-hub-model-id"),
     # report
     pytest.param(["report", "{tmp}"], ["{tmp}/metrics.jsonl: missing or empty"], id="report-not-a-run"),
-    pytest.param(["report", "{run}", "--out", "{file}"], ["--out {file}: a file, not a folder"], id="report-out-is-a-file"),
+    pytest.param(["report", "{run}", "--out", "{file}"], ["--output_dir {file}: a file, not a folder"], id="report-out-is-a-file"),
     pytest.param(["report", "{run}", "--chunks", "{file}"], ["--chunks {file}: a file"], id="report-chunks-is-a-file"),
     pytest.param(["report", "{run}", "--device", "tpu"], ["--device 'tpu'"], id="report-unknown-device"),
-    pytest.param(["report", "{run}", "--studies", "-1"], ["--studies and --saliency_slices must be >= 0"], id="report-negative-studies"),
+    pytest.param(["report", "{run}", "--studies", "-1"], ["--num_studies and --num_saliency_slices must be >= 0"], id="report-negative-studies"),
     pytest.param(["report", "{cut_metrics}"], ["{cut_metrics}/metrics.jsonl: not valid JSON", "line 1"], id="report-cut-metrics"),
     # bench NAME
     pytest.param(["bench", "nonsense"], ["unknown benchmark 'nonsense'"], id="bench-unknown"),
@@ -265,7 +280,7 @@ CASES = [
     pytest.param(["bench", "gpu", "--batch_sizes", "0"], ["--batch_sizes '0': expected positive integers"], id="bench-gpu-zero-batch"),
     pytest.param(["bench", "gpu", "--variants", "fast"], ["--variants 'fast'"], id="bench-gpu-unknown-variant"),
     # demo: every value is checked before the demo removes its folders
-    pytest.param(["demo", "--studies", "1"], ["--studies must be at least 2"], id="demo-too-few-studies"),
+    pytest.param(["demo", "--studies", "1"], ["--num_studies must be at least 2"], id="demo-too-few-studies"),
     pytest.param(["demo", "--patch_size", "7"], ["--patch_size 7 does not divide --image_size 64"], id="demo-patch-size"),
     pytest.param(["demo", "--crop", "2"], ["--crop must be in (0, 1]"], id="demo-crop-above-1"),
     pytest.param(["demo", "--workdir", "{file}"], ["--workdir {file}: a file"], id="demo-workdir-is-a-file"),
@@ -301,7 +316,7 @@ def test_bad_input_is_one_line_and_exit_2_and_changes_nothing(template, expected
 
 @pytest.mark.parametrize("argv, text", [
     (["scan", "{tmp}", "--out", "{tmp}/t.parquet"], "no study folder"),
-    (["predict", "{run}", "{data}/test_images", "--out", "{tmp}"], "--out {tmp}: a folder"),
+    (["predict", "{run}", "{data}/test_images", "--out", "{tmp}"], "--output_file {tmp}: a folder"),
 ])
 def test_the_console_script_prints_one_line_and_no_traceback(argv, text, workspace, tmp_path):
     paths = {"tmp": str(tmp_path), "run": str(workspace["run"]), "data": str(workspace["data"])}
@@ -360,9 +375,9 @@ def test_a_bug_keeps_its_traceback(workspace, tmp_path, monkeypatch):
 
 WORKER_OPTIONS = {  # every options dataclass whose --workers starts processes
     "scan": lambda tmp, n: ScanConfig(data_dir=str(tmp), workers=n),
-    "chunk": lambda tmp, n: ChunkConfig(out=str(tmp / "chunks"), workers=n),
+    "chunk": lambda tmp, n: ChunkConfig(output_dir=str(tmp / "chunks"), workers=n),
     "predict": lambda tmp, n: PredictConfig(checkpoint=str(tmp), paths=[str(tmp)], workers=n),
-    "synth": lambda tmp, n: SynthConfig(out=str(tmp / "data"), workers=n),
+    "synth": lambda tmp, n: SynthConfig(output_dir=str(tmp / "data"), workers=n),
 }
 
 

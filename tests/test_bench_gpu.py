@@ -17,7 +17,7 @@ from transformers import ViTConfig
 
 from vit_spine import cli
 from vit_spine.benchmarks import gpu
-from vit_spine.model import MODEL_CONFIGS
+from vit_spine.models.vit import PRESETS
 
 HIDDEN = ("datasets", "pydicom", "nibabel", "imagecodecs", "gdcm", "evaluate", "sklearn", "scipy", "matplotlib")
 TINY = ["--model_config", "tiny", "--image_size", "32", "--num_slices", "256", "--slices_per_study", "32",
@@ -44,7 +44,7 @@ finally:
 
 
 def test_vit_b16_forward_flops_are_the_quoted_17_6_g_multiply_adds():
-    config = ViTConfig(image_size=224, num_labels=14, **MODEL_CONFIGS["base"])
+    config = ViTConfig(image_size=224, num_labels=14, **PRESETS["base"])
     flops = gpu.vit_forward_flops(config)
     assert flops == 35_126_141_952  # 12 layers x 2,907,909,120 + patch embedding 231,211,008 + head 21,504
     assert flops / 2 / 1e9 == pytest.approx(17.56, abs=0.01)  # multiply-adds, the usual "17.6 GFLOPs"

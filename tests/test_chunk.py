@@ -11,16 +11,18 @@ from PIL import Image
 
 from vit_spine import STUDY_TARGETS, VERTEBRAE
 from vit_spine import chunk as chunking
-from vit_spine.chunk import ChunkConfig, chunk, load_manifest, plan_shards, resolve_rank, train_shards, val_shards
+from vit_spine.artifacts import load_manifest, read_shard_meta, train_shards, val_shards
+from vit_spine.chunk import ChunkConfig, chunk, plan_shards, resolve_rank
 from vit_spine.data import ShardDataset
 from vit_spine.dicom import read_hu
 from vit_spine.preprocess import PreprocessConfig
 from vit_spine.scan import ScanConfig, scan, write_scan
+from vit_spine.schema import MANIFEST_FILE, SLICE_TARGETS, STUDY_LABEL_COLUMNS
 
 SIZE = 64
 SHARD_SIZE = 60  # ~40-slice synthetic studies: several shards of 1-2 studies
 PREPROCESS = PreprocessConfig(image_size=SIZE)
-# RSNA 2022 prevalence of a fracture per vertebra (DESIGN.md)
+# RSNA 2022 prevalence of a fracture per vertebra (train.csv of the competition)
 PREVALENCE = {"C1": 0.072, "C2": 0.141, "C3": 0.036, "C4": 0.054, "C5": 0.080, "C6": 0.137, "C7": 0.195}
 
 
@@ -163,7 +165,7 @@ def dataset(synth_data: Path, tmp_path_factory) -> dict:
 def config_for(dataset: dict, out: Path, **overrides) -> ChunkConfig:
     options = dict(
         data_dir=str(dataset["data"]),
-        out=str(out),
+        output_dir=str(out),
         slice_table=dataset["slice_table"],
         shard_size=SHARD_SIZE,
         workers=0,
@@ -240,8 +242,8 @@ def test_rows_are_grouped_by_study_and_z_sorted_with_the_scan_labels(dataset, re
             assert (np.diff(zs) > 0).all()
         keys = list(zip(shard.study_ids, shard.slice_numbers.astype(int)))
         expected = table.loc[keys]
-        np.testing.assert_array_equal(shard.labels, expected[list(chunking.LABEL_COLUMNS)].to_numpy(np.float32))
-        np.testing.assert_array_equal(shard.study_labels, expected[list(chunking.STUDY_LABEL_COLUMNS)].to_numpy(np.float32))
+        np.testing.assert_array_equal(shard.labels, expected[list(SLICE_TARGETS)].to_numpy(np.float32))
+        np.testing.assert_array_equal(shard.study_labels, expected[list(STUDY_LABEL_COLUMNS)].to_numpy(np.float32))
 
 
 def test_problems_and_skipped_studies_are_listed(dataset, reference):
@@ -253,7 +255,7 @@ def test_problems_and_skipped_studies_are_listed(dataset, reference):
         "skipped_studies"
     ]
     damaged_shard = [s for s in manifest["shards"] if Path(dataset["damaged"]).parent.name in s["studies"]][0]
-    meta = json.loads((reference[0] / damaged_shard["path"] / chunking.SHARD_META).read_text())
+    meta = read_shard_meta(reference[0] / damaged_shard["path"])
     assert [p["path"] for p in meta["problems"]] == [dataset["damaged"]]
     assert meta["num_slices"] == meta["planned_slices"] - 1
 
@@ -314,8 +316,9 @@ def test_each_shard_opens_with_datasets_load_from_disk(reference):
     # 'bone25d' stores each slice once; ShardDataset adds the neighbour channels when it reads
     assert loaded.features["pixel_values"].shape == (1, SIZE, SIZE)
     assert loaded.with_format("numpy")[0]["labels"].shape == (14,)
-    meta = json.loads((out / entry["path"] / chunking.SHARD_META).read_text())
-    assert meta["neighbor_offset"] == PREPROCESS.neighbor_offset
+    meta = read_shard_meta(out / entry["path"])
+    offset = PREPROCESS.neighbor_offset
+    assert meta["channel_layout"] == [[-offset, 0], [0, 0], [offset, 0]]
 
 
 def test_rerun_over_a_finished_output_rewrites_nothing(dataset, reference):
@@ -427,11 +430,11 @@ def test_command_line_writes_the_windows_scheme(dataset, capsys):
     pixels = ShardDataset(out / "shard_00000").read_uint8([0])[0]
     assert pixels.shape == (3, 32, 32) and not np.array_equal(pixels[0], pixels[1])
     assert datasets.load_from_disk(str(out / "shard_00000")).features["pixel_values"].shape == (3, 32, 32)
-    assert "neighbor_offset" not in json.loads((out / "shard_00000" / chunking.SHARD_META).read_text())
+    assert read_shard_meta(out / "shard_00000")["channel_layout"] == [[0, 0], [0, 1], [0, 2]]
     assert "2/2 shards complete" in capsys.readouterr().out
 
 
 def test_a_manifest_of_another_format_is_refused_with_the_fix(tmp_path):
-    (tmp_path / chunking.MANIFEST).write_text(json.dumps({"format": 1, "shards": []}))
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps({"format": 1, "shards": []}))
     with pytest.raises(ValueError, match="manifest format 1, this vit-spine reads 2; chunk the data again"):
         load_manifest(tmp_path)

@@ -1,3 +1,4 @@
+import json
 import pickle
 
 import datasets
@@ -7,7 +8,7 @@ import pytest
 import torch
 from transformers import default_data_collator
 
-from vit_spine.chunk import LABEL_COLUMNS, STUDY_LABEL_COLUMNS, RenderedStudy, ShardPlan, shard_features, write_shard
+from vit_spine.chunk import RenderedStudy, ShardPlan, shard_features, write_shard
 from vit_spine.data import (
     AugmentConfig,
     ShardDataset,
@@ -18,6 +19,7 @@ from vit_spine.data import (
     positive_slices,
 )
 from vit_spine.preprocess import PreprocessConfig, stack_channels
+from vit_spine.schema import SLICE_TARGETS, STUDY_LABEL_COLUMNS
 
 SIZE = 16
 
@@ -152,7 +154,7 @@ def test_reads_a_shard_written_by_the_chunker_one_batch_per_study(channels, tmp_
                 "z": np.arange(n, dtype=float),
                 "position": np.arange(n, dtype=float),
                 "path": [f"/{uid}/{i}.dcm" for i in range(n)],
-                **{c: rng.integers(0, 2, n).astype(float) for c in (*LABEL_COLUMNS, *STUDY_LABEL_COLUMNS)},
+                **{c: rng.integers(0, 2, n).astype(float) for c in (*SLICE_TARGETS, *STUDY_LABEL_COLUMNS)},
             }
         )
     ok = {uid: np.ones(len(p), bool) for uid, p in studies.items()}
@@ -167,9 +169,23 @@ def test_reads_a_shard_written_by_the_chunker_one_batch_per_study(channels, tmp_
     expected = np.concatenate([stack_channels(list(p[ok[uid]]), config) for uid, p in studies.items()])
     np.testing.assert_array_equal(dataset.read_uint8(np.arange(13)), expected)
     assert dataset.slice_numbers[-7:].tolist() == [1, 2, 3, 5, 6, 7, 8]
-    expected_labels = pd.concat([slices[uid][ok[uid]] for uid in studies])[list(LABEL_COLUMNS)].to_numpy(np.float32)
+    expected_labels = pd.concat([slices[uid][ok[uid]] for uid in studies])[list(SLICE_TARGETS)].to_numpy(np.float32)
     np.testing.assert_array_equal(dataset.labels, expected_labels)
     assert len(datasets.load_from_disk(str(tmp_path / "shard_00000"))) == 13
+
+
+def test_a_shard_from_before_channel_layout_reads_by_its_neighbor_offset_and_a_wrong_layout_is_named(tmp_path):
+    rows = fake_rows(21, seed=4)  # three studies of 7 slices
+    rows["pixel_values"] = np.ascontiguousarray(rows["pixel_values"][:, :1])
+    path = tmp_path / "shard_00000"
+    datasets.Dataset.from_dict({k: list(v) for k, v in rows.items()}, features=shard_features(SIZE, 1)).save_to_disk(str(path))
+    (path / "vit_spine_shard.json").write_text(json.dumps({"neighbor_offset": 2}))
+    config = PreprocessConfig(image_size=SIZE, neighbor_offset=2)
+    expected = np.concatenate([stack_channels(list(rows["pixel_values"][k : k + 7]), config) for k in (0, 7, 14)])
+    np.testing.assert_array_equal(ShardDataset(path).read_uint8(np.arange(21)), expected)
+    (path / "vit_spine_shard.json").write_text(json.dumps({"channel_layout": [[0, 0], [0, 1], [0, 2]]}))
+    with pytest.raises(ValueError, match=r"pixel_values has 1 channel\(s\) but its channel layout .* reads 3$"):
+        ShardDataset(path)
 
 
 def test_augmented_model_input_keeps_shape_and_range_and_varies(hf_shard):

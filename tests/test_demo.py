@@ -13,8 +13,8 @@ from vit_spine import demo
 @pytest.mark.slow
 def test_demo_runs_every_stage_end_to_end(tmp_path, capsys):
     config = demo.DemoConfig(
-        workdir=str(tmp_path / "demo"), chunks=str(tmp_path / "chunks"), output=str(tmp_path / "run"),
-        studies=14, test_studies=2, slices=24, size=64, image_size=32, shard_size=120, epochs_per_shard=1,
+        workdir=str(tmp_path / "demo"), chunks=str(tmp_path / "chunks"), output_dir=str(tmp_path / "run"),
+        num_studies=14, num_test_studies=2, num_slices=24, size=64, image_size=32, shard_size=120, epochs_per_shard=1,
     )
     demo.run_demo(config)
     out = capsys.readouterr().out
@@ -31,14 +31,14 @@ def test_demo_runs_every_stage_end_to_end(tmp_path, capsys):
     assert (tmp_path / "demo" / "vertebrae.csv").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.quality
 def test_demo_defaults_beat_the_constant_prevalence_baseline_clearly(tmp_path, capsys):
     """The default demo (seed 0): the tiny ViT's best shard beats predicting the training prevalence.
 
     Measured: best 0.5333 (the last of 5 shards) against a baseline of 0.5766 on the same 59 validation
     studies, a margin of 0.043; the assertion asks for 0.02, room for another CPU's float rounding.
     """
-    config = demo.DemoConfig(workdir=str(tmp_path / "demo"), chunks=str(tmp_path / "chunks"), output=str(tmp_path / "run"))
+    config = demo.DemoConfig(workdir=str(tmp_path / "demo"), chunks=str(tmp_path / "chunks"), output_dir=str(tmp_path / "run"))
     demo.run_demo(config)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     best = min(rows, key=lambda row: row["weighted_log_loss"])

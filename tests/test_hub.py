@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -16,21 +17,25 @@ import pytest
 import yaml
 
 from hub_server import FakeHub
-from vit_spine.hub import model_card, push_checkpoint, read_checkpoint_meta
+from vit_spine.artifacts import RunDir, read_checkpoint_meta, write_checkpoint_meta
+from vit_spine.evaluation import PoolingConfig
+from vit_spine.preprocess import PreprocessConfig
+from vit_spine.hub import model_card, plan_push, push_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_fakeTestToken" + hashlib.sha1(b"vit-spine").hexdigest()[:16]
 SCORES = [0.6000, 0.5500, 0.5800]  # shard 1 is the run's best
 BASELINE = 0.5638
-PREPROCESS = {"image_size": 32, "channels": "bone_soft_brain", "windows": [[400, 1800], [50, 400], [40, 80]]}
-POOLING = {"slice_pool": "max", "patient_pool": "max", "calibration_folds": 5}
+# as chunk writes them into the manifest and train copies them into vit_spine.json
+PREPROCESS = PreprocessConfig(image_size=32, channels="windows", windows="400:1800,50:400,40:80").to_dict()
+POOLING = asdict(PoolingConfig())
 UPLOADED = ("model.safetensors", "config.json", "vit_spine.json", "trainer_state.json")
 
 
 @pytest.fixture(scope="module")
 def template_run(tmp_path_factory) -> Path:
     """A run folder as `vit-spine train` leaves it: three shards (different weights), metrics.jsonl, best."""
-    from vit_spine.model import create_model
+    from vit_spine.models import create_model
 
     run = tmp_path_factory.mktemp("template") / "run"
     rows = []
@@ -45,12 +50,10 @@ def template_run(tmp_path_factory) -> Path:
             "baseline_weighted_log_loss": BASELINE,
             "auc": {"patient_overall": 0.70 + k / 100, **{f"C{i}": 0.6 for i in range(1, 8)}},
         }
-        meta = {"format": 1, "shard": k, "metrics": row, "preprocess": PREPROCESS, "pooling": POOLING, "calibration": None}
-        (shard / "vit_spine.json").write_text(json.dumps(meta, indent=2))
+        write_checkpoint_meta(shard, {"shard": k, "metrics": row, "preprocess": PREPROCESS, "pooling": POOLING, "calibration": None})
         (shard / "trainer_state.json").write_text(json.dumps({"global_step": 10, "log_history": [{"loss": score}]}))
         rows.append(row)
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "best").symlink_to("shard_00001")
+    RunDir(run).write_rows(rows, min_delta=0.0)  # metrics.jsonl, best -> shard_00001, all_results.json
     return run
 
 
@@ -145,16 +148,27 @@ def test_model_card_has_metric_table_preprocessing_labels_and_loading(run_dir):
     labels = [f"`fracture_C{i}`" for i in range(1, 8)] + [f"`visible_C{i}`" for i in range(1, 8)]
     assert ", ".join(labels) in card  # the label order, read from the checkpoint's config.json
     assert "ViTForImageClassification.from_pretrained(\"alice/spine-run\")" in card
-    assert "| channels | `bone_soft_brain` |" in card and "| windows | `[[400, 1800], [50, 400], [40, 80]]` |" in card
+    assert "| channels | `windows` |" in card and "| windows | `400:1800,50:400,40:80` |" in card
+    assert "| image_size | `32` |" in card and "| crop | `1.0` |" in card
     assert "| slice_pool | `max` |" in card and "| patient_pool | `max` |" in card
     assert "(n_slices, 3, 32, 32)" in card
+
+
+def test_the_card_marks_the_best_shard_by_the_runs_own_rule(run_dir):
+    run = RunDir(run_dir)
+    run.write_run_config({"min_delta": 0.06})  # shard 1 (0.55) beats shard 0 (0.60) by less than that
+    run.write_rows(run.read_rows(), min_delta=0.06)
+    plan = plan_push(run.shard(2), "alice/spine-run", run_dir, None, None)
+    assert [line.split(" | ")[0] for line in plan.card.splitlines() if "(best)" in line] == ["| 00000 (best)"]
+    assert (plan.best, plan.revision) == (False, "shard-00002")
+    assert run.best_link.resolve() == run.shard(0).resolve()
 
 
 def test_cli_pushes_the_runs_best_with_hf_endpoint_from_the_environment(run_dir, tmp_path):
     before = snapshot(run_dir)
     with FakeHub(TOKEN, user="alice") as hub:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-        # read by huggingface_hub when it is imported in the child process (DESIGN.md pitfall 5)
+        # huggingface_hub reads these when it is imported in the child process
         env.update(HF_ENDPOINT=hub.endpoint, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf_home"))
         proc = subprocess.run(
             [sys.executable, "-m", "vit_spine", "push", str(run_dir), "--repo-id", "alice/cli-run"],
@@ -171,6 +185,19 @@ def test_cli_pushes_the_runs_best_with_hf_endpoint_from_the_environment(run_dir,
     assert snapshot(run_dir) == before
 
 
+def test_cli_takes_the_token_and_the_repo_under_their_hugging_face_names(run_dir, tmp_path):
+    with FakeHub(TOKEN, user="alice") as hub:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}  # no HF_TOKEN: --hub_token alone
+        env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf_home"))
+        proc = subprocess.run(
+            [sys.executable, "-m", "vit_spine", "push", str(run_dir), "--hub_model_id", "alice/named", "--hub_token", TOKEN],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert "alice/named@main" in proc.stdout and TOKEN not in proc.stdout + proc.stderr
+    assert [c.branch for c in hub.commits("alice/named")] == ["main"]
+
+
 def test_cli_unreachable_endpoint_gives_a_clear_message_and_keeps_the_checkpoint(run_dir, tmp_path):
     before = snapshot(run_dir)
     endpoint = f"http://127.0.0.1:{closed_port()}"
@@ -184,7 +211,7 @@ def test_cli_unreachable_endpoint_gives_a_clear_message_and_keeps_the_checkpoint
     assert proc.returncode == 1
     assert f"cannot reach the Hugging Face Hub at {endpoint}" in proc.stderr
     assert "(after 2 attempts)" in proc.stderr and "attempt 1/2 failed" in proc.stderr
-    assert f"The checkpoint is kept at {shard}; push it later with `vit-spine push {shard} --repo-id alice/x`" in proc.stderr
+    assert f"The checkpoint is kept at {shard}; push it later with `vit-spine push {shard} --hub_model_id alice/x`" in proc.stderr
     assert TOKEN not in proc.stdout + proc.stderr
     assert snapshot(run_dir) == before
 

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vit_spine import STUDY_TARGETS, VERTEBRAE, metrics
+from vit_spine import STUDY_TARGETS, metrics
+from vit_spine.evaluation import train_prevalence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)
@@ -88,17 +89,26 @@ def test_bad_inputs_raise_clear_errors(y_true, y_prob, message):
         metrics.weighted_log_loss(y_true, y_prob)
 
 
-def test_prevalence_baseline_is_the_per_target_mean():
-    y = np.array([[1, 1, 0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0, 0, 1], [0] * 8], dtype=float)
-    baseline = metrics.prevalence_baseline(y, 5)
-    assert baseline.shape == (5, 8)
-    np.testing.assert_array_equal(baseline, np.tile([0.5, 0.25, 0.25, 0, 0, 0, 0, 0.5], (5, 1)))
-    assert metrics.prevalence_baseline_loss(y, y) == pytest.approx(metrics.weighted_log_loss(y, baseline[:4]))
+def baseline_loss(y: np.ndarray) -> float:
+    """Weighted log loss of the constant prediction `prevalence(y)`, in-sample (as a metrics row's baseline)."""
+    return metrics.weighted_log_loss(y, np.broadcast_to(metrics.prevalence(y), y.shape))
+
+
+def test_the_baseline_prevalence_is_the_mean_over_distinct_labelled_training_studies():
+    studies = np.array([[1, 1, 0, 0, 0, 0, 0, 1], [0] * 8, [1, 0, 1, 0, 0, 0, 0, 1], [0] * 8, [np.nan] * 8], dtype=float)
+    # slice rows: study a has 3 slices, b 1, c 2, d 1, e (unlabelled) 2; rows of one study repeat its labels
+    study_ids = np.array(["a", "a", "a", "b", "c", "c", "d", "e", "e"])
+    rows = studies[[0, 0, 0, 1, 2, 2, 3, 4, 4]]
+    np.testing.assert_array_equal(train_prevalence(rows, study_ids), [0.5, 0.25, 0.25, 0, 0, 0, 0, 0.5])
+    with pytest.raises(ValueError, match="hold no labelled study"):
+        train_prevalence(rows[7:], study_ids[7:])
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        train_prevalence(np.full((1, 8), 0.5), np.array(["a"]))
 
 
 def test_real_labels_reference_scores(real_labels):
     assert metrics.weighted_log_loss(real_labels, np.full(real_labels.shape, 0.5)) == pytest.approx(0.693147, abs=1e-6)
-    assert metrics.prevalence_baseline_loss(real_labels, real_labels) == pytest.approx(0.563818, abs=1e-6)
+    assert baseline_loss(real_labels) == pytest.approx(0.563818, abs=1e-6)
     np.testing.assert_allclose(
         metrics.prevalence(real_labels), [0.476, 0.072, 0.141, 0.036, 0.053, 0.080, 0.137, 0.195], atol=1e-3
     )
@@ -132,86 +142,6 @@ def test_auc_on_real_labels(real_labels):
     assert set(metrics.per_vertebra_auc(real_labels, np.full(real_labels.shape, 0.3)).values()) == {0.5}
 
 
-# -------------------------------------------------------------------------------------------- pooling
-
-
-def test_max_pooling_over_slices_of_studies_in_mixed_order():
-    rng = np.random.default_rng(0)
-    ids = np.array(["b", "a", "b", "c", "a", "b", "c", "a"])
-    probs = rng.random((len(ids), 7))
-    uids, pooled = metrics.pool_slices_to_studies(ids, probs, how="max")
-    assert uids.tolist() == ["b", "a", "c"]  # order of first appearance
-    for uid, row in zip(uids, pooled):
-        np.testing.assert_array_equal(row, probs[ids == uid].max(axis=0))
-    # shuffling the slices only reorders the studies
-    order = rng.permutation(len(ids))
-    uids2, pooled2 = metrics.pool_slices_to_studies(ids[order], probs[order])
-    assert sorted(uids2) == ["a", "b", "c"]
-    for uid, row in zip(uids2, pooled2):
-        np.testing.assert_array_equal(row, pooled[uids.tolist().index(uid)])
-
-
-def test_mean_topk_and_visibility_weighted_pooling():
-    ids = np.array([7, 3, 7, 7, 3])
-    probs = np.zeros((5, 7))
-    probs[:, 0] = [0.9, 0.2, 0.1, 0.5, 0.4]
-    visible = np.ones((5, 7))
-    visible[:, 0] = [0.1, 1.0, 1.0, 1.0, 0.5]
-    _, mean = metrics.pool_slices_to_studies(ids, probs, how="mean")
-    np.testing.assert_allclose(mean[:, 0], [0.5, 0.3])  # study 7 then study 3
-    _, top2 = metrics.pool_slices_to_studies(ids, probs, how="topk_mean", k=2)
-    np.testing.assert_allclose(top2[:, 0], [0.7, 0.3])  # (0.9 + 0.5) / 2; study 3 has only 2 slices
-    _, top9 = metrics.pool_slices_to_studies(ids, probs, how="topk_mean", k=9)
-    np.testing.assert_allclose(top9, mean)
-    uids, weighted = metrics.pool_slices_to_studies(ids, probs, how="max", visible_probs=visible)
-    assert uids.tolist() == [7, 3]
-    np.testing.assert_allclose(weighted[:, 0], [0.5, 0.2])  # 0.9 * 0.1 = 0.09 no longer wins; 0.4 * 0.5 = 0.2
-
-
-def test_pooling_rejects_bad_input():
-    ids = np.array(["a", "a"])
-    with pytest.raises(ValueError, match=r"slice_probs: expected shape \(n, 7\)"):
-        metrics.pool_slices_to_studies(ids, np.zeros((2, 14)))  # all 14 outputs passed: take [:, :7]
-    with pytest.raises(ValueError, match="2 entries but slice_probs has 3 rows"):
-        metrics.pool_slices_to_studies(ids, np.zeros((3, 7)))
-    with pytest.raises(ValueError, match="how='median'"):
-        metrics.pool_slices_to_studies(ids, np.zeros((2, 7)), how="median")
-    with pytest.raises(ValueError, match="visible_probs"):
-        metrics.pool_slices_to_studies(ids, np.zeros((2, 7)), visible_probs=np.zeros((3, 7)))
-    with pytest.raises(ValueError, match="NaN"):
-        metrics.pool_slices_to_studies(ids, np.full((2, 7), np.nan))
-
-
-def test_vertebra_to_patient_and_study_matrix():
-    vertebra = np.array([[0.5, 0.5, 0, 0, 0, 0, 0], [0.1, 0, 0, 0, 0, 0, 0.8]])
-    np.testing.assert_allclose(metrics.vertebra_to_patient(vertebra, how="max"), [0.5, 0.8])
-    np.testing.assert_allclose(metrics.vertebra_to_patient(vertebra, how="noisy_or"), [0.75, 1 - 0.9 * 0.2])
-    with pytest.raises(ValueError, match="noisy_or"):
-        metrics.vertebra_to_patient(vertebra, how="sum")
-    matrix = metrics.study_matrix(["x", "y"], vertebra, [0.6, 0.9])
-    np.testing.assert_array_equal(matrix[:, 0], [0.6, 0.9])  # [patient_overall, C1..C7]
-    np.testing.assert_array_equal(matrix[:, 1:], vertebra)
-    with pytest.raises(ValueError, match="uids has 1 entries"):
-        metrics.study_matrix(["x"], vertebra, [0.6, 0.9])
-    with pytest.raises(ValueError, match="patient_probs"):
-        metrics.study_matrix(["x", "y"], vertebra, [0.6])
-
-
-def test_slices_to_study_scores_end_to_end():
-    ids = np.array(["s2", "s1", "s2", "s1"])
-    slice_probs = np.zeros((4, 14))  # the model's 14 outputs: fracture C1..C7, visible C1..C7
-    slice_probs[:, 2] = [0.7, 0.1, 0.2, 0.3]  # C3
-    uids, vertebra = metrics.pool_slices_to_studies(ids, slice_probs[:, : len(VERTEBRAE)])
-    matrix = metrics.study_matrix(uids, vertebra, metrics.vertebra_to_patient(vertebra))
-    y = np.array([[1, 0, 0, 1, 0, 0, 0, 0], [0] * 8], dtype=float)  # rows in uid order: s2, s1
-    assert metrics.weighted_log_loss(y, matrix) == pytest.approx(
-        # s2: overall and C3 positive at 0.7 (weights 14 + 2 of 22), the rest right; s1: overall and C3
-        # negative at 0.3 (weights 7 + 1 of 14), the rest right
-        ((14 + 2) * -math.log(0.7) / 22 + (7 + 1) * -math.log(0.7) / 14) / 2,
-        rel=1e-9,
-    )
-
-
 # ---------------------------------------------------------------------------------------- calibration
 
 
@@ -234,7 +164,7 @@ def test_noise_predictor_cross_fitted_is_honest():
     rng = np.random.default_rng(2)
     y = random_labels(400, rng)
     p = rng.random((400, 8))  # pure noise, far from calibrated
-    baseline = metrics.prevalence_baseline_loss(y, y)  # itself in-sample, so slightly optimistic
+    baseline = baseline_loss(y)  # itself in-sample, so slightly optimistic
     cross = metrics.weighted_log_loss(y, metrics.cross_fitted_calibration(y, p, seed=0))
     in_sample = metrics.weighted_log_loss(y, metrics.Calibrator().fit(y, p).transform(p))
     assert in_sample < cross - 1e-3  # fitting on the scored labels flatters
@@ -248,7 +178,7 @@ def test_calibration_improves_an_informative_miscalibrated_predictor():
     score = y + rng.normal(0.0, 0.8, y.shape)
     raw = 1.0 / (1.0 + np.exp(-(3.0 * score + 0.5)))  # ranks well, far too confident and too high
     raw_loss = metrics.weighted_log_loss(y, raw)
-    baseline = metrics.prevalence_baseline_loss(y, y)
+    baseline = baseline_loss(y)
     calibrated = metrics.cross_fitted_calibration(y, raw, seed=0)
     calibrated_loss = metrics.weighted_log_loss(y, calibrated)
     assert calibrated_loss < raw_loss - 0.3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -12,8 +11,10 @@ import pandas as pd
 import pytest
 
 from vit_spine import STUDY_TARGETS, VERTEBRAE, metrics
-from vit_spine.evaluation import CHECKPOINT_META, PoolingConfig
-from vit_spine.model import LABEL_NAMES, create_model
+from vit_spine.artifacts import write_checkpoint_meta
+from vit_spine.evaluation import PoolingConfig
+from vit_spine.models import create_model
+from vit_spine.schema import SLICE_TARGETS as LABEL_NAMES
 from vit_spine.predict import EPS, main, predict_studies
 from vit_spine.preprocess import PreprocessConfig
 
@@ -24,16 +25,14 @@ PRIOR = [0.48, 0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.2]  # the training prevalen
 def write_checkpoint(folder: Path, calibration: dict | None, preprocess: PreprocessConfig | None = None) -> Path:
     """A tiny random-init ViT saved the way train saves a shard (weights + vit_spine.json)."""
     create_model(model_config="tiny", image_size=IMAGE_SIZE, seed=0).save_pretrained(folder)
-    meta = {
-        "format": 1,
+    write_checkpoint_meta(folder, {
         "shard": 0,
         "preprocess": (preprocess or PreprocessConfig(image_size=IMAGE_SIZE)).to_dict(),
         "pooling": asdict(PoolingConfig()),
         "calibration": calibration,
         "metrics": {},
         "baseline_prevalence": PRIOR,
-    }
-    (folder / CHECKPOINT_META).write_text(json.dumps(meta))
+    })
     return folder
 
 
@@ -188,7 +187,7 @@ def test_a_listed_study_without_images_gets_the_prior_and_strict_refuses(run_dir
     out = tmp_path / "submission.csv"
     args = [str(run_dir), str(synth_data / "test_images"), "--out", str(out), "--studies", str(tmp_path / "test.csv")]
     assert main([*args, "--no-progress"]) == 3  # complete, with fallbacks
-    assert f"{unknown}: listed in --studies, but no folder" in capsys.readouterr().err
+    assert f"{unknown}: listed in --studies_csv, but no folder" in capsys.readouterr().err
     submission = pd.read_csv(out).set_index("row_id")["fractured"]
     assert len(submission) == len(table) + 8
     np.testing.assert_allclose(submission.loc[extra["row_id"]].to_numpy(), PRIOR)
@@ -254,7 +253,7 @@ def test_predict_preprocesses_with_the_checkpoints_crop_or_pixel_spacing(stored,
 
     from vit_spine.data import normalize
     from vit_spine.dicom import read_hu
-    from vit_spine.model import load_model
+    from vit_spine.models import load_model
     from vit_spine.preprocess import preprocess_study
     from vit_spine.study import assemble_folder
 

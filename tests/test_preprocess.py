@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vit_spine.channels import apply_window
 from vit_spine.preprocess import (
     PreprocessConfig,
-    apply_window,
     centered,
     field_of_view,
     preprocess_study,
@@ -152,10 +152,10 @@ def test_pixel_spacing_resamples_a_fine_and_a_coarse_study_to_the_same_image(tmp
 def test_config_round_trips_and_rejects_bad_values():
     config = PreprocessConfig(image_size=64, channels="windows", windows="1:2,3:4,5:6")
     assert PreprocessConfig.from_dict(config.to_dict()) == config
-    assert config.window_list() == [(1.0, 2.0), (3.0, 4.0), (5.0, 6.0)]
+    assert config.stored_channels() == 3 and config.channel_layout() == ((0, 0), (0, 1), (0, 2))
     with pytest.raises(ValueError, match="unknown preprocessing option"):
         PreprocessConfig.from_dict({**config.to_dict(), "gamma": 2})
-    with pytest.raises(ValueError, match="--channels"):
+    with pytest.raises(ValueError, match="^--channels 'rgb': not a channel scheme; known: bone25d, windows$"):
         PreprocessConfig(channels="rgb")
     with pytest.raises(ValueError, match="not CENTER:WIDTH"):
         PreprocessConfig(bone_window="bone")

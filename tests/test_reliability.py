@@ -10,10 +10,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow
 import pytest
 from safetensors.torch import load_file
@@ -21,10 +19,12 @@ from safetensors.torch import load_file
 from kill_run import CONFIG, POINTS
 from toy_run import run
 from vit_spine import cli, fs, train
-from vit_spine.chunk import ChunkConfig, chunk, load_manifest
+from vit_spine.artifacts import RunDir, load_manifest
+from vit_spine.chunk import ChunkConfig, chunk
 from vit_spine.data import ShardDataset
 from vit_spine.preprocess import PreprocessConfig
 from vit_spine.scan import ScanConfig, scan, write_scan
+from vit_spine.schema import TRAINER_CHECKPOINT_COMPLETE_FILE
 
 TESTS = Path(__file__).parent
 
@@ -70,7 +70,7 @@ def killed_run(point: str, chunks: Path, out: Path) -> None:
 def trainer_checkpoints(out: Path, shard: int = 0) -> dict[str, bool]:
     """checkpoint-N -> marked complete, for one shard's Trainer folder."""
     folder = out / f"shard_{shard:05d}" / "trainer"
-    return {p.name: (p / train.CHECKPOINT_COMPLETE).is_file() for p in sorted(folder.glob("checkpoint-*"))}
+    return {p.name: (p / TRAINER_CHECKPOINT_COMPLETE_FILE).is_file() for p in sorted(folder.glob("checkpoint-*"))}
 
 
 # What each kill leaves on disk, checked before the resume (so each test proves it hit its moment).
@@ -157,7 +157,7 @@ def test_a_full_disk_during_training_loses_nothing_and_the_rerun_is_identical(wr
     assert full.calls == at
     # nothing looks finished that is not: every marked checkpoint is whole, no shard marked done
     for folder in out.glob("shard_*/trainer/checkpoint-*"):
-        assert train.checkpoint_damage(folder) == [] or not (folder / train.CHECKPOINT_COMPLETE).exists()
+        assert train.checkpoint_damage(folder) == [] or not (folder / TRAINER_CHECKPOINT_COMPLETE_FILE).exists()
     assert not list(out.glob("shard_*/vit_spine.json"))  # call 3 is shard 0's final weights: not marked done
     monkeypatch.undo()  # space was freed
     run(toy_chunks, out, **CONFIG)
@@ -186,7 +186,7 @@ def small_dataset(synth_data, tmp_path_factory) -> dict:
 
 
 def chunk_config(data: Path, table: Path, out: Path, **overrides) -> ChunkConfig:
-    options = dict(data_dir=str(data), slice_table=str(table), out=str(out), shard_size=60, workers=0, progress=False,
+    options = dict(data_dir=str(data), slice_table=str(table), output_dir=str(out), shard_size=60, workers=0, progress=False,
                    rank=0, world_size=1)
     return ChunkConfig(**{**options, **overrides})
 
@@ -309,7 +309,7 @@ def test_a_resume_checks_what_the_folder_and_the_run_were_built_from(small_datas
     assert manifest["source"]["slice_table"] == str(small_dataset["table"].resolve())
     table = scan(small_dataset["data"], ScanConfig(data_dir=str(small_dataset["data"]), workers=1, progress=False))
     write_scan(table[table["StudyInstanceUID"] != table["StudyInstanceUID"].iloc[0]], tmp_path / "fewer.parquet")
-    with pytest.raises(ValueError, match="holds another one; use another --out folder"):
+    with pytest.raises(ValueError, match="holds another one; use another --output_dir folder"):
         chunk(chunk_config(small_dataset["data"], tmp_path / "fewer.parquet", out), PreprocessConfig(image_size=32))
     # a run resumed over chunks that were planned again differently is refused
     run_dir = tmp_path / "run"
@@ -318,9 +318,9 @@ def test_a_resume_checks_what_the_folder_and_the_run_were_built_from(small_datas
     moved = json.loads((changed / "manifest.json").read_text())
     moved["shards"][0]["studies"] = moved["shards"][0]["studies"][::-1]
     (changed / "manifest.json").write_text(json.dumps(moved))
-    config = json.loads((run_dir / train.RUN_CONFIG_FILE).read_text())
+    config = RunDir(run_dir).read_run_config("the run the test just wrote")
     config["chunks"] = str(changed.resolve())
-    (run_dir / train.RUN_CONFIG_FILE).write_text(json.dumps(config))
+    RunDir(run_dir).write_run_config(config)
     with pytest.raises(ValueError, match="another configuration \\(manifest: was"):
         run(changed, run_dir, max_shards=1, patience=5)
 

@@ -4,52 +4,61 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.collections
+import matplotlib.patches
 import numpy as np
 import pytest
 from PIL import Image
-from transformers import TrainingArguments
 
-from vit_spine import cli, evaluation, train
-from vit_spine.chunk import ChunkConfig, chunk
-from vit_spine.evaluation import PoolingConfig
-from vit_spine.preprocess import PreprocessConfig
-from vit_spine.report import SIZES, ReportConfig, build_report, choose_profile_studies, reliability, training_loss_curves
-from vit_spine.scan import ScanConfig, scan, write_scan
+from vit_spine import cli
+from vit_spine import report as report_module
+from vit_spine.artifacts import RunDir
+from vit_spine.schema import STUDY_TARGETS
+from vit_spine.report import SIZES, ReportConfig, build_report, choose_profile_studies, reliability, training_loss_curves, write_index
 
 
-@pytest.fixture(scope="module")
-def trained_run(synth_data: Path, tmp_path_factory) -> Path:
-    """Two tiny shards trained on the synthetic data (scan -> chunk -> train, as a user would)."""
-    root = tmp_path_factory.mktemp("report")
-    table = scan(synth_data, ScanConfig(data_dir=str(synth_data), workers=1, progress=False))
-    write_scan(table, root / "slices.parquet")
-    chunks = root / "chunks"
-    chunk(
-        ChunkConfig(
-            data_dir=str(synth_data), out=str(chunks), slice_table=str(root / "slices.parquet"), shard_size=100,
-            val_fraction=0.3, ignore_folds=True, workers=0, progress=False, rank=0, world_size=1,
-        ),
-        PreprocessConfig(image_size=32),
-    )
-    args = TrainingArguments(
-        **{
-            **train.training_defaults(),
-            "per_device_train_batch_size": 16, "logging_steps": 2, "save_strategy": "no", "use_cpu": True,
-            "disable_tqdm": True, "seed": 0, "learning_rate": 1e-3,
-        }
-    )
-    config = train.TrainConfig(chunks=str(chunks), output=str(root / "run"), model_config="tiny", augment=False, patience=5, max_shards=2)
-    result = train.run_training(config, PoolingConfig(calibration_folds=2), args)
-    assert len(result.rows) == 2
-    return root / "run"
+@dataclass
+class Drawn:
+    """What one axes of a saved figure holds, with data: the artists a reader sees."""
+
+    line_points: list[int]  # finite points of each line, in drawing order
+    bar_height: float  # summed height of the bars (histograms)
+    scatter_points: list[int]  # points of each scatter
+    images: list[tuple[int, ...]]  # shapes of the images that are not one flat colour
+    texts: list[str]  # text placed in the axes (notes such as "only one class")
+
+
+def drawn(ax) -> Drawn:
+    lines = [int(np.isfinite(np.asarray(line.get_ydata(), float)).sum()) for line in ax.get_lines()]
+    bars = sum(p.get_height() for p in ax.patches if isinstance(p, matplotlib.patches.Rectangle))
+    scatters = [len(c.get_offsets()) for c in ax.collections if isinstance(c, matplotlib.collections.PathCollection)]
+    images = [im.get_array().shape for im in ax.get_images() if np.ptp(np.asarray(im.get_array(), float)) > 0]
+    return Drawn(lines, float(bars), scatters, images, [t.get_text() for t in ax.texts])
 
 
 @pytest.fixture(scope="module")
-def report(trained_run: Path):
-    config = ReportConfig(run_dir=str(trained_run), studies=2, saliency_slices=2, smoothgrad_samples=2, batch_size=32)
-    return build_report(config)
+def built(trained_run: Path):
+    """build_report, recording what each figure holds when it is saved (a PNG alone could be empty axes)."""
+    drawings: dict[str, list[Drawn]] = {}
+    save = report_module.save
+
+    def recording_save(fig, path: Path) -> Path:
+        drawings[path.name] = [drawn(ax) for ax in fig.axes]
+        return save(fig, path)
+
+    config = ReportConfig(run_dir=str(trained_run), num_studies=2, num_saliency_slices=2, num_smoothgrad_samples=2, batch_size=32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report_module, "save", recording_save)
+        index, figures = build_report(config)
+    return index, figures, drawings
+
+
+@pytest.fixture(scope="module")
+def report(built):
+    return built[:2]
 
 
 def figure_kind(path: Path) -> str:
@@ -66,7 +75,44 @@ def test_every_figure_is_a_png_of_its_stated_size(report, trained_run):
         with Image.open(figure.path) as image:
             assert image.format == "PNG"
             assert image.size == SIZES[figure_kind(figure.path)], figure.path.name
-            assert len(set(np.asarray(image.convert("L")).reshape(-1).tolist())) > 20  # something is drawn
+
+
+def test_every_figure_draws_its_data(built, trained_run):
+    _, figures, drawings = built
+    assert sorted(drawings) == sorted(f.path.name for f in figures)
+    rows = RunDir(trained_run).read_rows()
+    shards = len(rows)
+
+    loss, auc = drawings["shard_scores.png"]
+    assert loss.line_points == [shards, shards, shards, 1]  # calibrated, raw, baseline, the best shard's star
+    scored = [sum(row["auc"].get(target) is not None for row in rows) for target in STUDY_TARGETS]
+    assert auc.line_points == [*scored, 2]  # each target's AUC where it is defined, then the chance line
+    assert max(scored) == shards
+
+    (curves,) = drawings["training_loss.png"]
+    logged, _ = training_loss_curves(trained_run, rows)
+    assert curves.line_points == [n for c in logged for n in (len(c.losses), 2)]  # each curve, then its start line
+
+    roc = drawings["roc_curves.png"]
+    assert len(roc) == 8
+    for target in roc:  # the diagonal, then the curve or a note saying why there is none
+        assert target.line_points[0] == 2
+        assert (len(target.line_points) == 2 and target.line_points[1] >= 3) or any(t.startswith("only one class") for t in target.texts)
+    assert any(len(target.line_points) == 2 for target in roc)
+
+    reliability_axes, histogram = drawings["calibration.png"]
+    assert len(reliability_axes.line_points) == 3 and min(reliability_axes.line_points) >= 2
+    assert len(reliability_axes.scatter_points) == 2 and min(reliability_axes.scatter_points) >= 1
+    studies = round(histogram.bar_height / 2 / 8)  # raw and calibrated, 8 targets per study
+    assert studies > 0 and histogram.bar_height == 2 * 8 * studies
+
+    for k in range(2):
+        fractures, visibility = drawings[f"profile_{k:02d}.png"]
+        assert len(fractures.line_points) == 7 and len(set(fractures.line_points)) == 1 and fractures.line_points[0] > 1
+        assert visibility.line_points == fractures.line_points  # one visibility line per vertebra, same slices
+
+        ct, saliency, _colorbar = drawings[f"saliency_{k:02d}.png"]
+        assert ct.images == [(32, 32)] and saliency.images == [(32, 32), (32, 32, 4)]
 
 
 def test_index_html_links_every_figure(report):
@@ -80,7 +126,7 @@ def test_index_html_links_every_figure(report):
 
 
 def test_training_loss_runs_on_global_steps_across_shards(trained_run):
-    rows = evaluation.read_metrics(trained_run)
+    rows = RunDir(trained_run).read_rows()
     curves, notes = training_loss_curves(trained_run, rows)
     assert notes == [] and [c.shard for c in curves] == [0, 1]
     assert curves[0].steps[-1] <= rows[0]["global_step"] < curves[1].steps[0] <= curves[1].steps[-1] <= rows[1]["global_step"]
@@ -88,6 +134,17 @@ def test_training_loss_runs_on_global_steps_across_shards(trained_run):
     assert (np.diff(steps) > 0).all()
     state = json.loads((trained_run / "shard_00001" / "trainer_state.json").read_text())
     assert len(curves[1].losses) == sum("loss" in entry for entry in state["log_history"])
+
+
+def test_the_index_names_the_best_shard_by_the_runs_own_rule(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_run_config({"min_delta": 0.06})  # shard 1 (0.55) beats shard 0 (0.60) by less than that
+    rows = [{"shard": k, "weighted_log_loss": wll, "weighted_log_loss_uncalibrated": wll, "baseline_weighted_log_loss": 0.56}
+            for k, wll in enumerate([0.60, 0.55])]
+    scores = {"num_val_studies": 3, "num_val_slices": 9, "weighted_log_loss": 0.6, "weighted_log_loss_uncalibrated": 0.6}
+    page = write_index(tmp_path, run.path, run.shard(0), rows, scores, []).read_text()
+    assert f"<code>{run.shard(0)}</code> (shard 0): validation weighted log loss 0.6000 vs" in page
 
 
 def test_profile_studies_take_fractured_first_then_negatives():

@@ -16,8 +16,6 @@ import pytest
 from vit_spine import VERTEBRAE, cli
 from vit_spine.scan import (
     COLUMNS,
-    FRACTURE_COLUMNS,
-    VISIBLE_COLUMNS,
     ScanConfig,
     SegmentationMismatch,
     fracture_targets,
@@ -27,6 +25,7 @@ from vit_spine.scan import (
     segmentation_presence,
     segmentation_visibility,
 )
+from vit_spine.schema import FRACTURE_TARGETS, VISIBLE_TARGETS
 
 NAN = np.nan
 
@@ -157,8 +156,8 @@ def test_segmentation_presence_across_slabs_and_float_maps(tmp_path):
 
 MISSING_UID = "1.2.826.0.1.3680043.999001"  # in train.csv, no images
 UNLABELED_UID = "1.2.826.0.1.3680043.999002"  # images, no row in train.csv
-VISIBLE_GT = [f"{c}_gt" for c in VISIBLE_COLUMNS]
-FRACTURE_GT = [f"{c}_gt" for c in FRACTURE_COLUMNS]
+VISIBLE_GT = [f"{c}_gt" for c in VISIBLE_TARGETS]
+FRACTURE_GT = [f"{c}_gt" for c in FRACTURE_TARGETS]
 
 
 @dataclass
@@ -220,7 +219,7 @@ def damaged(synth_data: Path, tmp_path_factory) -> Damaged:
     test_uid = truth.loc[truth["split"] == "test", "StudyInstanceUID"].iloc[0]
     shutil.copytree(root / "test_images" / test_uid, root / "train_images" / UNLABELED_UID)
     # the per-slice vertebra table (Kaggle format) of every study, from the generator's truth
-    table = truth[["StudyInstanceUID", "slice_number", *VISIBLE_COLUMNS]]
+    table = truth[["StudyInstanceUID", "slice_number", *VISIBLE_TARGETS]]
     table = table.rename(columns={"slice_number": "Slice", **{f"visible_{v}": v for v in VERTEBRAE}})
     table.to_csv(root / "vertebrae.csv", index=False)
     return Damaged(
@@ -274,7 +273,7 @@ def test_cli_writes_one_row_per_dicom_file_with_the_contract_columns(with_table,
     assert sorted(df["path"]) == sorted(set(files) - not_dicom)
     assert df["slice_number"].dtype == "int64" and df["z"].dtype == "float64" and df["slice_index"].dtype == "int64"
     assert (df["frame"] == 0).all()  # the synthetic studies are single-frame
-    assert all(df[c].dtype == "float64" for c in (*VISIBLE_COLUMNS, *FRACTURE_COLUMNS, "label_overall", "fold"))
+    assert all(df[c].dtype == "float64" for c in (*VISIBLE_TARGETS, *FRACTURE_TARGETS, "label_overall", "fold"))
     assert set(df["image_set"]) == {"train", "test"}
     assert with_table.metadata["data_dir"] == str(damaged.root.resolve())
     report = with_table.metadata["report"]
@@ -291,7 +290,7 @@ def test_visibility_equals_ground_truth_from_segmentations_and_table(with_table,
     rows = with_truth(with_table, damaged)
     assert len(rows) == len(damaged.truth)  # every generated slice is in its study's volume, once
     assert damaged.stray_study in set(rows["StudyInstanceUID"]) and damaged.stray_study in damaged.segmented
-    np.testing.assert_array_equal(rows[list(VISIBLE_COLUMNS)].to_numpy(), rows[VISIBLE_GT].to_numpy())
+    np.testing.assert_array_equal(rows[list(VISIBLE_TARGETS)].to_numpy(), rows[VISIBLE_GT].to_numpy())
     from_segmentation = rows["StudyInstanceUID"].isin(damaged.segmented)
     assert (rows.loc[from_segmentation, "visibility_source"] == "segmentation").all()
     assert (rows.loc[~from_segmentation, "visibility_source"] == "table").all()
@@ -304,7 +303,7 @@ def test_fracture_targets_follow_the_rules_against_ground_truth(with_table, dama
     labels = damaged.labels.set_index("StudyInstanceUID")
     kinds = set()
     for uid, study in rows.groupby("StudyInstanceUID"):
-        fracture = study[list(FRACTURE_COLUMNS)].to_numpy()
+        fracture = study[list(FRACTURE_TARGETS)].to_numpy()
         truth = study[FRACTURE_GT].to_numpy()
         visible = study[VISIBLE_GT].to_numpy()
         if study["split"].iloc[0] == "test":
@@ -340,14 +339,14 @@ def test_fracture_targets_follow_the_rules_against_ground_truth(with_table, dama
 def test_without_a_table_only_segmented_studies_have_visibility(without_table, damaged):
     rows = with_truth(without_table, damaged)
     segmented = rows["StudyInstanceUID"].isin(damaged.segmented)
-    np.testing.assert_array_equal(rows.loc[segmented, list(VISIBLE_COLUMNS)], rows.loc[segmented, VISIBLE_GT])
-    assert rows.loc[~segmented, list(VISIBLE_COLUMNS)].isna().all().all()
+    np.testing.assert_array_equal(rows.loc[segmented, list(VISIBLE_TARGETS)], rows.loc[segmented, VISIBLE_GT])
+    assert rows.loc[~segmented, list(VISIBLE_TARGETS)].isna().all().all()
     assert (rows.loc[~segmented, "visibility_source"] == "unknown").all()
     labels = damaged.labels.set_index("StudyInstanceUID")
     for uid, study in rows[~segmented & (rows["split"] == "train")].groupby("StudyInstanceUID"):
         label = labels.loc[uid]
         fractured = label[list(VERTEBRAE)].to_numpy() == 1
-        fracture = study[list(FRACTURE_COLUMNS)].to_numpy()
+        fracture = study[list(FRACTURE_TARGETS)].to_numpy()
         if label["patient_overall"] == 0:
             assert (fracture == 0).all()
         elif uid in damaged.boxed:  # box slices: every fractured vertebra; other slices 0
@@ -393,12 +392,12 @@ def test_dataset_inconsistencies_are_reported(with_table, without_table, damaged
     assert MISSING_UID not in set(with_table.df["StudyInstanceUID"])
     unlabeled = with_table.df[with_table.df["StudyInstanceUID"] == UNLABELED_UID]
     assert len(unlabeled) > 0 and (unlabeled["fracture_source"] == "unknown").all()
-    assert unlabeled[["label_overall", *FRACTURE_COLUMNS]].isna().all().all()
+    assert unlabeled[["label_overall", *FRACTURE_TARGETS]].isna().all().all()
     # an unusable segmentation counts as absent: the table fills in, and without it visibility is unknown
     wrong = with_table.df["StudyInstanceUID"] == damaged.wrong_segmentation
     assert (with_table.df.loc[wrong, "visibility_source"] == "table").all()
     wrong = without_table.df["StudyInstanceUID"] == damaged.wrong_segmentation
-    assert without_table.df.loc[wrong, list(VISIBLE_COLUMNS)].isna().all().all()
+    assert without_table.df.loc[wrong, list(VISIBLE_TARGETS)].isna().all().all()
     assert issues_of(without_table, "segmentation_mismatch") == {damaged.wrong_segmentation}
     summary = {s["StudyInstanceUID"]: s for s in with_table.metadata["report"]["per_study"]}
     assert any("segmentation_mismatch" in issue for issue in summary[damaged.wrong_segmentation]["issues"])
@@ -411,7 +410,7 @@ def test_main_reports_bad_arguments(tmp_path, capsys):
         return capsys.readouterr().err
 
     assert "nowhere: no such directory" in error_of(str(tmp_path / "nowhere"), "--out", str(tmp_path / "t.parquet"))
-    assert "vit-spine scan: error: --out FILE.parquet is required" in error_of(str(tmp_path))
+    assert "vit-spine scan: error: --output_file FILE.parquet is required" in error_of(str(tmp_path))
     assert "no study folder under train_images/ or test_images/" in error_of(str(tmp_path), "--out", str(tmp_path / "t.parquet"))
     (tmp_path / "train_images" / "1.2.3").mkdir(parents=True)
     (tmp_path / "train_images" / "1.2.3" / "notes.txt").write_text("no images here")
@@ -477,7 +476,7 @@ def test_a_segmentation_matches_the_chosen_series_and_stray_files_cost_nothing(e
     expected = np.zeros((24, 7))
     for k in range(24):
         expected[k, k // 4] = 1
-    np.testing.assert_array_equal(by_number[list(VISIBLE_COLUMNS)].to_numpy(), expected)  # z rises with the number
+    np.testing.assert_array_equal(by_number[list(VISIBLE_TARGETS)].to_numpy(), expected)  # z rises with the number
     assert not issues_of(scanned, "segmentation_mismatch")
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from vit_spine import shards
 from vit_spine.data import ShardDataset
+from vit_spine.schema import SHARD_META_FILE
 
 
 def reference_features(size: int, channels: int) -> datasets.Features:
@@ -58,14 +59,14 @@ def write_with_pyarrow(folder: Path, rows: dict[str, np.ndarray], split: str = "
                 )
             )
     shards.write_dataset_files(folder, schema, split, "0123456789abcdef")
-    (folder / shards.SHARD_META).write_text(json.dumps({"neighbor_offset": 1}))
+    (folder / SHARD_META_FILE).write_text(json.dumps({"neighbor_offset": 1}))
 
 
 def write_with_datasets(folder: Path, rows: dict[str, np.ndarray], num_shards: int = 1) -> None:
     features = reference_features(rows["pixel_values"].shape[-1], rows["pixel_values"].shape[1])
     data = {k: list(v) if k == "pixel_values" else v.tolist() for k, v in rows.items()}
     datasets.Dataset.from_dict(data, features=features).save_to_disk(str(folder), num_shards=num_shards)
-    (folder / shards.SHARD_META).write_text(json.dumps({"neighbor_offset": 1}))
+    (folder / SHARD_META_FILE).write_text(json.dumps({"neighbor_offset": 1}))
 
 
 def arrow_table(folder: Path) -> pa.Table:

@@ -31,14 +31,14 @@ GROUND_TRUTH_COLUMNS = [
     "StudyInstanceUID", "slice_number", "z", "split",
     *(f"visible_{v}" for v in VERTEBRAE), *(f"fracture_{v}" for v in VERTEBRAE),
 ]
-# Real RSNA 2022 figures from DESIGN.md.
+# Real RSNA 2022 figures (train.csv of the competition).
 REAL_OVERALL = 0.476
 REAL_VERTEBRA_PREVALENCE = dict(zip(VERTEBRAE, (0.072, 0.141, 0.036, 0.054, 0.080, 0.137, 0.195)))
 REAL_FRACTURES_PER_POSITIVE = {1: 623, 2: 239, 3: 64, 4: 26, 5: 7, 6: 2}
 
 
 def tiny_config(out: Path, **changes) -> SynthConfig:
-    options = dict(out=str(out), studies=3, test_studies=1, slices=24, size=64, seed=0)
+    options = dict(output_dir=str(out), num_studies=3, num_test_studies=1, num_slices=24, size=64, seed=0)
     return SynthConfig(**{**options, **changes})
 
 
@@ -94,10 +94,10 @@ def test_cli_writes_summary_refuses_to_overwrite_and_checks_arguments(tmp_path, 
     with pytest.raises(FileExistsError, match=re.escape(str(out))):
         main(args)
     assert main([*args, "--overwrite"]) == 0
-    with pytest.raises(ValueError, match="--test_studies"):
+    with pytest.raises(ValueError, match="--num_test_studies must be in"):
         main([str(out), "--studies", "3", "--test_studies", "3"])
-    with pytest.raises(ValueError, match="--slices"):
-        SynthConfig(out=str(out), slices=10)
+    with pytest.raises(ValueError, match="--num_slices must be at least 24"):
+        SynthConfig(output_dir=str(out), num_slices=10)
 
 
 # ----------------------------------------------------------------------------- labels
@@ -123,7 +123,7 @@ def test_every_split_of_two_or_more_holds_both_classes():
         labels = draw_split_labels(2, np.random.default_rng(seed))
         assert sorted(labels.any(axis=1).tolist()) == [False, True], seed
     for seed in range(20):
-        plans = plan_studies(SynthConfig(out="unused", studies=4, test_studies=2, seed=seed))
+        plans = plan_studies(SynthConfig(output_dir="unused", num_studies=4, num_test_studies=2, seed=seed))
         for split in ("train", "test"):
             assert {any(p.labels) for p in plans if p.split == split} == {False, True}, (seed, split)
 
@@ -152,7 +152,7 @@ def test_layout_and_tables(synth_data, synth_config, ground_truth):
         assert folders == sorted(table["StudyInstanceUID"])
         for uid in folders:
             names = sorted(int(p.stem) for p in (synth_data / f"{split}_images" / uid).glob("*.dcm"))
-            assert names == list(range(1, synth_config.slices + 1))
+            assert names == list(range(1, synth_config.num_slices + 1))
 
     test_rows = pd.read_csv(synth_data / "test.csv")
     assert list(test_rows.columns) == ["row_id", "StudyInstanceUID", "prediction_type"]
@@ -173,7 +173,7 @@ def test_layout_and_tables(synth_data, synth_config, ground_truth):
     assert 1 <= len(segmentations) < 7 and set(segmentations) <= set(train["StudyInstanceUID"])
 
     assert list(ground_truth.columns) == GROUND_TRUTH_COLUMNS
-    assert len(ground_truth) == 10 * synth_config.slices
+    assert len(ground_truth) == 10 * synth_config.num_slices
     split_of = {**dict.fromkeys(train["StudyInstanceUID"], "train"), **dict.fromkeys(test_labels["StudyInstanceUID"], "test")}
     assert (ground_truth["split"] == ground_truth["StudyInstanceUID"].map(split_of)).all()
 
@@ -245,7 +245,7 @@ def test_segmentations_follow_the_rsna_orientation_rule(synth_data, plans, groun
         headers = slice_headers(synth_data / "train_images" / uid)
         zs = [float(headers[n].ImagePositionPatient[2]) for n in sorted(headers)]
         z_decreasing = zs[0] > zs[-1]
-        # DESIGN.md rule, written independently of synth's inverse:
+        # the rule public RSNA 2022 solutions use, written independently of synth's inverse:
         mask = seg[:, ::-1, ::-1].transpose(2, 1, 0) if z_decreasing else seg[:, ::-1].transpose(2, 1, 0)
         assert mask.shape == (len(headers), headers[1].Rows, headers[1].Columns)
         assert set(np.unique(mask)) >= set(range(0, 8)) and mask.max() <= 19

@@ -6,7 +6,6 @@ carry a bright square, so the tiny ViT learns something in a few steps.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pyarrow as pa
 from transformers import TrainingArguments
 
 from vit_spine import train
-from vit_spine.chunk import FORMAT, SHARD_META
+from vit_spine.artifacts import MANIFEST_FORMAT, write_manifest, write_shard_meta
 from vit_spine.evaluation import PoolingConfig
 from vit_spine.shards import ARROW_FILE, record_batch, shard_schema, write_dataset_files
 
@@ -49,7 +48,7 @@ def write_toy_shard(path: Path, studies: list[str], rng: np.random.Generator, sl
     with pa.OSFile(str(path / ARROW_FILE), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         writer.write_batch(batch)
     write_dataset_files(path, schema, split, fingerprint=path.name)
-    (path / SHARD_META).write_text(json.dumps({"num_slices": len(ids), "problems": []}))
+    write_shard_meta(path, {"num_slices": len(ids), "problems": []})
     return {"path": path.name, "num_slices": len(ids), "studies": studies}
 
 
@@ -62,8 +61,7 @@ def write_toy_chunks(root: Path) -> Path:
         shards.append({**entry, "split": "train"})
     val = write_toy_shard(root / "val_00000", [f"1.2.3.9.{i}" for i in range(10)], rng, split="val")
     shards.append({**val, "split": "val"})
-    manifest = {"format": FORMAT, "preprocess": {"image_size": SIZE}, "shards": shards, "problems": []}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(root, {"format": MANIFEST_FORMAT, "preprocess": {"image_size": SIZE}, "shards": shards, "problems": []})
     return root
 
 
@@ -79,5 +77,6 @@ def make_args(**overrides) -> TrainingArguments:
 def run(chunks: Path, output: Path, callbacks=(), pooling=None, **config) -> list[dict]:
     """`train.run_training` of a tiny random-init ViT on `chunks`; returns the metrics rows."""
     args_overrides = config.pop("args", {})
-    cfg = train.TrainConfig(chunks=str(chunks), output=str(output), model_config="tiny", augment=False, **config)
-    return train.run_training(cfg, pooling or PoolingConfig(calibration_folds=2), make_args(**args_overrides), callbacks).rows
+    cfg = train.TrainConfig(chunks=str(chunks), model_config="tiny", augment=False, **config)
+    args = make_args(output_dir=str(output), **args_overrides)
+    return train.run_training(cfg, pooling or PoolingConfig(calibration_folds=2), args, callbacks).rows

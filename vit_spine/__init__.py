@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
-# Column order used everywhere a study-level prediction or label vector appears.
-VERTEBRAE = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
-STUDY_TARGETS = ("patient_overall", *VERTEBRAE)
+# The study-level column order, re-exported from its owner (vit_spine.schema) under its public names.
+from vit_spine.schema import STUDY_TARGETS, VERTEBRAE
+
+__all__ = ["STUDY_TARGETS", "VERTEBRAE", "__version__"]

@@ -1,4 +1,4 @@
-"""`vit-spine chunk DATA_DIR --out DIR`: labelled training slices -> ~15k-slice shards + validation shards.
+"""`vit-spine chunk DATA_DIR --output_dir DIR`: labelled training slices -> ~15k-slice shards + validation shards.
 
 1. Plan (deterministic, from the slice table of `vit-spine scan`): whole studies per shard, validation
    studies held out by study (a `fold` of train.csv, else a label-stratified fraction), studies dealt to
@@ -9,15 +9,16 @@
    main process streams each study into the shard's Arrow file as one record batch, so memory stays at
    about (workers + 2) studies whatever the dataset size. A shard is built in DIR/.tmp-NAME and renamed
    to DIR/NAME when complete: a finished shard is never redone, a killed run leaves no partial shard
-   under a final name, and a re-run over a finished output writes nothing. `--rank/--world-size` (or
+   under a final name, and a re-run over a finished output writes nothing. `--rank/--world_size` (or
    RANK/WORLD_SIZE from `accelerate launch` / torchrun) give each process every world_size-th shard.
 
 Each shard folder is a `datasets` Dataset (`datasets.load_from_disk` opens it) with the features of
 `shard_features`, plus `vit_spine_shard.json` (its studies, slice count, the slices that failed to
-decode, and the neighbour offset). A shard stores what `render_slice` makes of each slice: one bone-
-window channel for 'bone25d' (each slice once; `ShardDataset` adds the neighbours below and above when
-it reads, a third of the bytes of storing all three), three windows for 'windows'. The rows of a study
-are contiguous and sorted by z. `load_manifest(DIR)` merges the shard files into the manifest.
+decode, and the channel scheme's layout). A shard stores what `render_slice` makes of each slice: one
+bone-window channel for 'bone25d' (each slice once; `ShardDataset` assembles the neighbours below and
+above when it reads, a third of the bytes of storing all three), three windows for 'windows'. The rows of a study
+are contiguous and sorted by z. `vit_spine.artifacts` reads and writes the manifest and the shard metas
+(`load_manifest(DIR)` merges the shard files into the manifest).
 """
 
 from __future__ import annotations
@@ -40,33 +41,36 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from vit_spine import STUDY_TARGETS, VERTEBRAE
+from vit_spine import options
+from vit_spine.artifacts import (
+    MANIFEST_FORMAT,
+    load_manifest,
+    train_shards,
+    val_shards,
+    with_shard_state,
+    write_manifest,
+    write_shard_meta,
+)
 from vit_spine.fs import (
     TMP_PREFIX,
     FolderLock,
     crc32_of,
     durable_replace,
-    file_record,
     flush_folder_files,
     flush_to_disk,
-    read_json,
-    write_json_atomic,
 )
+from vit_spine.options import aliases, parse_config
 from vit_spine.preprocess import PreprocessConfig, render_volume
-from vit_spine.shards import ARROW_FILE, SHARD_META, features_dict, record_batch, shard_schema, write_dataset_files
+from vit_spine.schema import MANIFEST_FILE, SLICE_TABLE_FILE, SLICE_TARGETS, STUDY_LABEL_COLUMNS, STUDY_TARGETS, VERTEBRAE
+from vit_spine.shards import ARROW_FILE, features_dict, record_batch, shard_schema, write_dataset_files
 from vit_spine.shards import damage as shard_files_damage
 
 if TYPE_CHECKING:  # the study module imports pydicom; training reads shards without it
     from vit_spine.study import SliceRef
 
-FORMAT = 2  # 2: 'bone25d' shards store one channel per slice
-MANIFEST = "manifest.json"
-SLICE_TABLE = "slice_table.parquet"
-LABEL_COLUMNS = (*(f"fracture_{v}" for v in VERTEBRAE), *(f"visible_{v}" for v in VERTEBRAE))
-STUDY_LABEL_COLUMNS = ("label_overall", *(f"label_{v}" for v in VERTEBRAE))
 REQUIRED_COLUMNS = (
     "StudyInstanceUID", "slice_number", "path", "frame", "image_set", "slice_index", "position", "z",
-    "pixel_spacing", "pixel_spacing_column", "problem", *LABEL_COLUMNS, *STUDY_LABEL_COLUMNS,
+    "pixel_spacing", "pixel_spacing_column", "problem", *SLICE_TARGETS, *STUDY_LABEL_COLUMNS,
 )
 # Options that change the plan or the pixels: a resumed run must use the same ones.
 PLAN_OPTIONS = ("shard_size", "val_fraction", "val_fold", "ignore_folds", "seed")
@@ -78,7 +82,9 @@ class ChunkConfig:
         default=None,
         metadata={"help": "dataset root in the RSNA 2022 layout (scanned unless --slice_table is given)."},
     )
-    out: str = field(default="chunks", metadata={"help": "output folder for shards and manifest.json."})
+    output_dir: str = field(
+        default="chunks", metadata={"help": "output folder for shards and manifest.json.", "aliases": aliases("out")}
+    )
     slice_table: str | None = field(
         default=None, metadata={"help": "Parquet slice table from `vit-spine scan` (skips scanning DATA_DIR)."}
     )
@@ -120,13 +126,12 @@ class ChunkConfig:
             raise ValueError(f"--shard_size must be >= 1, got {self.shard_size}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
-        from vit_spine import options
 
         self.workers = options.capped_workers(self.workers, minimum=0)
         options.folder_path(self.data_dir, "DATA_DIR")
-        options.folder_path(self.out, "--out")
+        options.folder_path(self.output_dir, "--output_dir")
         options.file_path(self.slice_table, "--slice_table")
-        # inputs that must exist are checked before --out is made: a refused chunk leaves no empty folder
+        # inputs that must exist are checked before --output_dir is made: a refused chunk leaves no empty folder
         if self.slice_table and not Path(self.slice_table).exists():
             raise FileNotFoundError(f"--slice_table {self.slice_table}: no such file")
         if self.data_dir and not Path(self.data_dir).exists():
@@ -151,57 +156,6 @@ class ShardPlan:
 
 
 # ---------------------------------------------------------------- manifest
-
-
-def load_manifest(directory: str | Path) -> dict[str, Any]:
-    """DIR/manifest.json, with what the shard folders say merged in.
-
-    Each shard entry gets `complete` (its folder exists) and, when complete, its real `num_slices`
-    (planned minus slices that failed to decode); those slices are appended to `problems`.
-    """
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; run `vit-spine chunk DATA_DIR --out {directory}` first")
-    try:
-        manifest = read_json(path, "manifest")
-    except ValueError as error:
-        raise ValueError(f"{error}: delete it and run the same `vit-spine chunk` command again, or chunk into a new "
-                         "--out folder") from error
-    if manifest.get("format") != FORMAT:
-        raise ValueError(
-            f"{path}: manifest format {manifest.get('format')!r}, this vit-spine reads {FORMAT}; "
-            "chunk the data again into a new --out folder"
-        )
-    return with_shard_state(manifest, directory)
-
-
-def with_shard_state(manifest: dict[str, Any], directory: Path) -> dict[str, Any]:
-    """`manifest` plus what the shard folders in `directory` say (see `load_manifest`)."""
-    manifest = json.loads(json.dumps(manifest))
-    known = {(p["path"], p.get("frame", 0), p["reason"]) for p in manifest["problems"]}
-    for shard in manifest["shards"]:
-        meta_path = directory / shard["path"] / SHARD_META
-        shard["complete"] = meta_path.is_file()
-        if not shard["complete"]:
-            continue
-        meta = read_json(meta_path, "shard's metadata")
-        shard["num_slices"] = meta["num_slices"]
-        for problem in meta["problems"]:
-            key = (problem["path"], problem.get("frame", 0), problem["reason"])
-            if key not in known:
-                manifest["problems"].append(problem)
-                known.add(key)
-    manifest["complete"] = all(s["complete"] for s in manifest["shards"])
-    return manifest
-
-
-def train_shards(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    return [s for s in manifest["shards"] if s["split"] == "train"]
-
-
-def val_shards(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    return [s for s in manifest["shards"] if s["split"] == "val"]
 
 
 def versions() -> dict[str, str]:
@@ -238,7 +192,7 @@ def load_slice_table(config: ChunkConfig) -> tuple[pd.DataFrame, dict[str, Any]]
         if config.data_dir and source["data_dir"] and source["data_dir"] != str(Path(config.data_dir).resolve()):
             raise ValueError(
                 f"--slice_table {path} was scanned from {source['data_dir']}, not from {Path(config.data_dir).resolve()}: "
-                f"scan this dataset (`vit-spine scan {config.data_dir} --out TABLE`) or give the table's own DATA_DIR"
+                f"scan this dataset (`vit-spine scan {config.data_dir} --output_file TABLE`) or give the table's own DATA_DIR"
             )
         table = pd.read_parquet(path)
         where = str(path)
@@ -428,7 +382,7 @@ def study_record_batch(pixels: np.ndarray, rows: pd.DataFrame, schema):
     """One study's slices as an Arrow record batch; the pixel column wraps `pixels` without copying."""
     return record_batch(
         pixels,
-        rows[list(LABEL_COLUMNS)].to_numpy(np.float32),
+        rows[list(SLICE_TARGETS)].to_numpy(np.float32),
         rows[list(STUDY_LABEL_COLUMNS)].to_numpy(np.float32),
         rows["StudyInstanceUID"].astype(str).tolist(),
         rows["slice_number"].to_numpy(np.int32),
@@ -437,15 +391,8 @@ def study_record_batch(pixels: np.ndarray, rows: pd.DataFrame, schema):
     )
 
 
-def plan_fingerprint(manifest: dict[str, Any]) -> str:
-    """What a training run was built from: the plan (shards and their studies) and the preprocessing."""
-    plan = [(s["path"], s["split"], s["studies"]) for s in manifest["shards"]]
-    blob = json.dumps({"plan": plan, "preprocess": manifest["preprocess"]}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def shard_fingerprint(plan: ShardPlan, preprocess: PreprocessConfig) -> str:
-    blob = json.dumps({"format": FORMAT, "plan": plan.to_dict(), "preprocess": preprocess.to_dict()}, sort_keys=True)
+    blob = json.dumps({"format": MANIFEST_FORMAT, "plan": plan.to_dict(), "preprocess": preprocess.to_dict()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -455,13 +402,13 @@ def shard_fingerprint(plan: ShardPlan, preprocess: PreprocessConfig) -> str:
 def render_study(slices: Sequence[SliceRef], config: PreprocessConfig, out: np.ndarray | None = None):
     """Decode and preprocess one study's slices (in volume order).
 
-    Returns (pixels uint8 (n_ok, k, S, S) as the shard stores them (k = `stored_channels(config)`) -- a
+    Returns (pixels uint8 (n_ok, k, S, S) as the shard stores them (k = `config.stored_channels()`) -- a
     view of `out` when given --, ok mask over `slices`, problems [(path, frame, reason)] of the slices
     that failed to decode).
     """
     rendered, problems = render_volume(slices, config)
     ok = np.array([image is not None for image in rendered], bool)
-    shape = (int(ok.sum()), stored_channels(config), config.image_size, config.image_size)
+    shape = (int(ok.sum()), config.stored_channels(), config.image_size, config.image_size)
     pixels = np.empty(shape, np.uint8) if out is None else out[: shape[0]]
     for i, image in enumerate(image for image in rendered if image is not None):
         pixels[i] = image
@@ -479,11 +426,6 @@ def slice_refs(rows: pd.DataFrame) -> list[SliceRef]:
     ]
 
 
-def stored_channels(config: PreprocessConfig) -> int:
-    """Channels a shard stores per slice: what `render_slice` returns (1 bone window, or 3 windows)."""
-    return len(config.window_list())
-
-
 _WORKER: dict[str, Any] = {}
 
 
@@ -499,7 +441,7 @@ def _render_into_slot(task: tuple[str, list[SliceRef], str]) -> tuple[str, np.nd
         slots[slot_name] = shared_memory.SharedMemory(name=slot_name)
     config: PreprocessConfig = _WORKER["config"]
     size = config.image_size
-    buffer = np.ndarray((len(paths), stored_channels(config), size, size), np.uint8, buffer=slots[slot_name].buf)
+    buffer = np.ndarray((len(paths), config.stored_channels(), size, size), np.uint8, buffer=slots[slot_name].buf)
     _, ok, problems = render_study(paths, config, out=buffer)
     del buffer
     return uid, ok, problems
@@ -530,7 +472,7 @@ def render_studies(
             yield RenderedStudy(uid, pixels, ok, problems)
         return
     size = config.image_size
-    channels = stored_channels(config)
+    channels = config.stored_channels()
     slot_bytes = max(len(paths) for _, paths in tasks) * channels * size * size
     num_slots = workers + 2
     check_shared_memory(slot_bytes * num_slots)
@@ -597,7 +539,7 @@ def write_shard(
     if tmp.exists():  # left by a killed run
         shutil.rmtree(tmp)
     tmp.mkdir()
-    schema = shard_schema(preprocess.image_size, stored_channels(preprocess))
+    schema = shard_schema(preprocess.image_size, preprocess.stored_channels())
     num_slices, problems = 0, []
     with pa.OSFile(str(tmp / ARROW_FILE), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for uid in plan.studies:
@@ -623,10 +565,9 @@ def write_shard(
         "problems": problems,
         "fingerprint": fingerprint,
     }
-    if stored_channels(preprocess) == 1:  # ShardDataset rebuilds the neighbour channels with it
-        meta["neighbor_offset"] = preprocess.neighbor_offset
-    meta["files"] = file_record(tmp)  # sizes and checksums, checked by every later reader
-    (tmp / SHARD_META).write_text(json.dumps(meta, indent=1) + "\n")
+    # ShardDataset assembles the model's channels with it, without the scheme's code
+    meta["channel_layout"] = [list(pair) for pair in preprocess.channel_layout()]
+    meta = write_shard_meta(tmp, meta)
     flush_folder_files(tmp)
     os.rename(tmp, final)
     flush_to_disk(out)
@@ -651,11 +592,12 @@ def make_manifest(
     studies = selection.studies.drop(columns=["fold"]) if config.ignore_folds and "fold" in selection.studies else selection.studies
     plans, validation = plan_shards(studies, config.shard_size, config.val_fraction, config.val_fold, config.seed)
     return {
-        "format": FORMAT,
+        "format": MANIFEST_FORMAT,
         "data_dir": source["data_dir"],
         "source": source,
         "options": config.plan_options(),
         "preprocess": preprocess.to_dict(),
+        "stored_channels": preprocess.stored_channels(),  # of `preprocess.channels`, the scheme: pixel_values (k, S, S)
         "validation": validation,
         "totals": {
             "train_slices": sum(p.num_slices for p in plans if p.split == "train"),
@@ -676,13 +618,13 @@ def chunk(
 ) -> dict[str, Any]:
     """Plan (or reload the plan of) DIR, write this rank's missing or damaged shards, return `load_manifest(DIR)`.
 
-    One process per rank and folder: a second `chunk` of the same rank on the same --out fails at once,
+    One process per rank and folder: a second `chunk` of the same rank on the same --output_dir fails at once,
     naming the process that holds it (ranks of one job share the folder, each with its own lock).
     """
     preprocess = preprocess or PreprocessConfig()
-    out = Path(config.out)
+    out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out}: a file, not a folder")
+        raise NotADirectoryError(f"--output_dir {out}: a file, not a folder")
     rank, world = resolve_rank(config.rank, config.world_size)
     with FolderLock(out, "vit-spine chunk", name=f".vit-spine-chunk-rank{rank}.lock"):
         return _chunk_locked(out, rank, world, config, preprocess, on_shard_done)
@@ -690,7 +632,7 @@ def chunk(
 
 def _chunk_locked(out: Path, rank: int, world: int, config: ChunkConfig, preprocess: PreprocessConfig,
                   on_shard_done: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
-    manifest_path = out / MANIFEST
+    manifest_path = out / MANIFEST_FILE
     selection: TrainingSlices | None = None
     if manifest_path.is_file():
         manifest = load_manifest(out)
@@ -702,7 +644,7 @@ def _chunk_locked(out: Path, rank: int, world: int, config: ChunkConfig, preproc
         manifest = make_manifest(config, preprocess, selection, source)
         if rank == 0:
             write_slice_table(selection.slices, out)
-            write_json_atomic(manifest_path, manifest)
+            write_manifest(out, manifest)
         manifest = with_shard_state(manifest, out)
     mine = [s for i, s in enumerate(manifest["shards"]) if i % world == rank]
     damaged = remove_damaged_shards(out, [s for s in mine if (out / s["path"]).is_dir()], config.verify)
@@ -714,14 +656,14 @@ def _chunk_locked(out: Path, rank: int, world: int, config: ChunkConfig, preproc
     )
     if todo:
         if selection is None:
-            slices = pd.read_parquet(out / SLICE_TABLE)
+            slices = pd.read_parquet(out / SLICE_TABLE_FILE)
         else:
             slices = selection.slices
         write_shards(out, todo, slices, preprocess, config, on_shard_done)
     if not manifest_path.is_file():  # rank > 0 with its own output folder: rank 0 holds the manifest
         return with_shard_state(manifest, out)
     final = load_manifest(out)
-    if final["complete"] and write_json_atomic(manifest_path, final):
+    if final["complete"] and write_manifest(out, final):
         print(f"chunk: all shards written; manifest updated: {manifest_path}")
     return final
 
@@ -747,12 +689,12 @@ def check_same_source(manifest: dict, config: ChunkConfig, path: Path) -> None:
     source = manifest.get("source") or {"data_dir": manifest.get("data_dir")}
     if config.data_dir and source.get("data_dir") and source["data_dir"] != str(Path(config.data_dir).resolve()):
         raise ValueError(f"{path} was planned from {source['data_dir']}, not from {Path(config.data_dir).resolve()}; "
-                         "use another --out folder for another dataset")
+                         "use another --output_dir folder for another dataset")
     if config.slice_table and source.get("slice_table_crc32"):
         given = slice_table_source(Path(config.slice_table))
         if given["slice_table_crc32"] != source["slice_table_crc32"]:
             raise ValueError(f"{path} was planned from the slice table {source['slice_table']}, and --slice_table "
-                             f"{config.slice_table} holds another one; use another --out folder for another table")
+                             f"{config.slice_table} holds another one; use another --output_dir folder for another table")
 
 
 def plan_from_entry(entry: dict[str, Any]) -> ShardPlan:
@@ -760,9 +702,9 @@ def plan_from_entry(entry: dict[str, Any]) -> ShardPlan:
 
 
 def write_slice_table(slices: pd.DataFrame, out: Path) -> None:
-    partial = out / f"{TMP_PREFIX}{SLICE_TABLE}"
+    partial = out / f"{TMP_PREFIX}{SLICE_TABLE_FILE}"
     slices.to_parquet(partial, index=False)
-    durable_replace(partial, out / SLICE_TABLE)
+    durable_replace(partial, out / SLICE_TABLE_FILE)
 
 
 def check_same_options(manifest: dict, config: ChunkConfig, preprocess: PreprocessConfig, path: Path) -> None:
@@ -772,7 +714,7 @@ def check_same_options(manifest: dict, config: ChunkConfig, preprocess: Preproce
     wanted = {**config.plan_options(), **{f"preprocess.{k}": v for k, v in preprocess.to_dict().items()}}
     differs = [f"{k}: {saved.get(k)!r} there, {wanted[k]!r} now" for k in wanted if saved.get(k) != wanted[k]]
     if differs:
-        raise ValueError(f"{path} was planned with other options ({'; '.join(differs)}); use another --out folder")
+        raise ValueError(f"{path} was planned with other options ({'; '.join(differs)}); use another --output_dir folder")
 
 
 def write_shards(
@@ -788,7 +730,7 @@ def write_shards(
     by_study = {uid: rows.reset_index(drop=True) for uid, rows in slices.groupby("StudyInstanceUID", sort=False)}
     missing = wanted - set(by_study)
     if missing:
-        raise ValueError(f"{out / SLICE_TABLE}: no slices for planned studies {sorted(missing)[:5]}")
+        raise ValueError(f"{out / SLICE_TABLE_FILE}: no slices for planned studies {sorted(missing)[:5]}")
     tasks = [(uid, slice_refs(by_study[uid])) for plan in todo for uid in plan.studies]
     total = sum(len(by_study[uid]) for uid, _ in tasks)
     studies = render_studies(tasks, preprocess, config.workers)
@@ -806,8 +748,6 @@ def write_shards(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vit_spine.cli import parse_config
-
     config, preprocess = parse_config(
         ChunkConfig,
         argv,
@@ -817,9 +757,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         positionals=("data_dir",),
         extra_types=(PreprocessConfig,),
     )
-    if not config.data_dir and not config.slice_table and not (Path(config.out) / MANIFEST).is_file():
+    if not config.data_dir and not config.slice_table and not (Path(config.output_dir) / MANIFEST_FILE).is_file():
         raise ValueError("give DATA_DIR or --slice_table")
     manifest = chunk(config, preprocess)
     done = sum(s["complete"] for s in manifest["shards"])
-    print(f"chunk: {done}/{len(manifest['shards'])} shards complete in {config.out}")
+    print(f"chunk: {done}/{len(manifest['shards'])} shards complete in {config.output_dir}")
     return 0

@@ -7,14 +7,13 @@ field) and exposes `main(argv) -> int`. Modules are imported only when their sub
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import importlib
 import os
-import re
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn, TypeVar
+
+from vit_spine import __version__
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("vit_spine.synth", "write a synthetic dataset in the RSNA 2022 layout"),
@@ -28,87 +27,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("vit_spine.benchmarks", "benchmarks: decode, loader, chunk, train, predict, gpu"),
     "demo": ("vit_spine.demo", "the whole pipeline on synthetic data, in a few minutes on CPU"),
 }
-
-T = TypeVar("T")
-
-
-def parse_config(
-    config_cls: type[T],
-    argv: Sequence[str] | None,
-    prog: str,
-    description: str,
-    positionals: Sequence[str] = (),
-    extra_types: Sequence[type] = (),
-    defaults: dict[str, Any] | None = None,
-) -> tuple[Any, ...]:
-    """Parse argv into `config_cls` (and `extra_types`, e.g. TrainingArguments) with HfArgumentParser.
-
-    `positionals` names dataclass fields that the user gives positionally, in order, before any
-    option (`vit-spine scan DATA_DIR --out t.parquet`). The last one may be a list field, which takes
-    every remaining leading token. They are rewritten to `--field value` so that the dataclass stays
-    the single description of every option. `defaults` overrides field defaults (e.g. our choices for
-    TrainingArguments) while still letting the user set them.
-    """
-    from transformers import HfArgumentParser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    usage_pos = " ".join(_metavar(fields[name]) for name in positionals)
-    parser = HfArgumentParser(
-        (config_cls, *extra_types),
-        prog=prog,
-        description=description,
-        usage=f"{prog} {usage_pos} [options]".replace("  ", " "),
-    )
-    parser.error = _one_line_error(prog, positionals)  # type: ignore[method-assign]
-    if defaults:
-        parser.set_defaults(**defaults)
-    if "-h" in argv or "--help" in argv:
-        parser.print_help()
-        raise SystemExit(0)
-    leading = []
-    while argv and not argv[0].startswith("-"):
-        leading.append(argv.pop(0))
-    rewritten: list[str] = []
-    for i, name in enumerate(positionals):
-        is_last = i == len(positionals) - 1
-        if not leading:
-            break
-        if is_last and _is_list_field(fields[name]):
-            rewritten += [f"--{name}", *leading]
-            leading = []
-        else:
-            rewritten += [f"--{name}", leading.pop(0)]
-    if leading:
-        parser.error(f"unexpected argument(s): {' '.join(leading)}")
-    *parsed, unknown = parser.parse_args_into_dataclasses(rewritten + argv, return_remaining_strings=True)
-    if unknown:
-        parser.error(f"unrecognized argument(s): {' '.join(unknown)}")
-    return tuple(parsed)
-
-
-def _one_line_error(prog: str, positionals: Sequence[str]):
-    """argparse's `error` as one line (no usage block), exit 2: the same shape as every other bad input."""
-
-    def error(message: str) -> NoReturn:
-        if message.startswith("the following arguments are required"):
-            for name in positionals:  # a positional is rewritten to --name internally; show it as the user types it
-                alias = name.replace("_", "-")
-                message = re.sub(rf"--{name}(/--{alias})?(?![\w-])", name.upper(), message)
-        print(f"{prog}: error: {message} (`{prog} --help` lists the options)", file=sys.stderr)
-        raise SystemExit(2)
-
-    return error
-
-
-def _metavar(field: dataclasses.Field) -> str:
-    name = field.name.upper()
-    return f"{name} [{name} ...]" if _is_list_field(field) else name
-
-
-def _is_list_field(field: dataclasses.Field) -> bool:
-    return str(field.type).startswith(("list", "List", "typing.List"))
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand and return its exit code; the one place where errors become exit codes.
@@ -125,8 +43,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name:<9} {summary}")
         return 0
     if argv[0] in ("-V", "--version"):
-        from vit_spine import __version__
-
         print(f"vit-spine {__version__}")
         return 0
     name, rest = argv[0], argv[1:]

@@ -1,11 +1,12 @@
 """Reading shards written by `vit-spine chunk` as a torch Dataset, fast.
 
-`datasets` decodes an Array3D row by row into Python/numpy objects (about 4k img/s here, DESIGN.md
-pitfall 8). The shard's Arrow file is memory-mapped, and the uint8 pixels of each record batch are one
+`datasets` decodes an Array3D row by row into Python/numpy objects (about 4k img/s on 2 CPU cores,
+against over 100k img/s for a zero-copy view). The shard's Arrow file is memory-mapped, and the uint8 pixels of each record batch are one
 contiguous buffer, so `ShardDataset` views them as numpy arrays (n, k, S, S) without a copy and a batch
-is copied straight out of the memory map: memmap speed. 'bone25d' shards store each slice once (k = 1);
-the reader puts the slices below and above it (same study, `neighbor_offset` away, the end slice
-repeated at the ends) into channels 0 and 2, exactly as `preprocess.stack_channels` does.
+is copied straight out of the memory map: memmap speed. The model's 3 channels are assembled from the
+stored ones by the shard's channel layout (`vit_spine.channels.assemble`, the code `preprocess.stack_channels`
+runs for predict): 'bone25d' shards store each slice once (k = 1) and the reader puts the slices below and
+above it (same study, `neighbor_offset` away, the end slice repeated at the ends) into channels 0 and 2.
 
 Batches stay uint8 all the way to the device (a quarter of the bytes of float32 through pinned memory
 and PCIe); `model_input` turns them into the model's float input there, and applies the random
@@ -25,7 +26,11 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from vit_spine.shards import NUM_LABELS, NUM_STUDY_LABELS, SHARD_META, check_whole, pixel_shape, read_table
+from vit_spine.artifacts import val_shards
+from vit_spine.channels import MODEL_CHANNELS, CopyRun, Layout, assemble, check_layout, copy_plan
+from vit_spine.preprocess import PreprocessConfig
+from vit_spine.schema import FRACTURES, MANIFEST_FILE, NUM_SLICE_TARGETS, NUM_STUDY_TARGETS, SHARD_META_FILE
+from vit_spine.shards import check_whole, pixel_shape, read_table
 
 
 @dataclass
@@ -47,11 +52,12 @@ class AugmentConfig:
 class ShardDataset(torch.utils.data.Dataset):
     """One shard (a `datasets` folder written by `vit-spine chunk`, read with pyarrow alone) as a torch Dataset.
 
-    Items: {"pixel_values": uint8 (3, S, S) as stored (with the neighbour channels added for a one-channel
-    'bone25d' shard), "labels": float32 (14,) with NaN where a target is unknown}; `model_input` makes
-    the model's input from a batch of them. `__getitems__` reads a whole batch at once (the DataLoader
-    uses it). Per-slice metadata as numpy arrays: `labels` (n, 14), `study_labels` (n, 8), `study_ids`,
-    `slice_numbers`, `zs`; `neighbors`: (below, above) row arrays for a one-channel shard, else None.
+    Items: {"pixel_values": uint8 (3, S, S) assembled from the stored channels by the shard's channel
+    layout (the neighbour channels added for a one-channel 'bone25d' shard), "labels": float32 (14,) with
+    NaN where a target is unknown}; `model_input` makes the model's input from a batch of them.
+    `__getitems__` reads a whole batch at once (the DataLoader uses it). Per-slice metadata as numpy
+    arrays: `labels` (n, 14), `study_labels` (n, 8), `study_ids`, `slice_numbers`, `zs`; `plan`: the
+    copies (`channels.CopyRun`, source rows per model channel) that assemble a row.
     """
 
     def __init__(self, path: str | Path):
@@ -70,16 +76,13 @@ class ShardDataset(torch.utils.data.Dataset):
         self.image_size = shape[-1]
         self._pixel_chunks = [pixel_view(chunk, self.path, shape) for chunk in table.column("pixel_values").chunks]
         self._chunk_starts = np.cumsum([0] + [len(c) for c in self._pixel_chunks])
-        self.labels = fixed_list_to_numpy(table.column("labels"), NUM_LABELS)
-        self.study_labels = fixed_list_to_numpy(table.column("study_labels"), NUM_STUDY_LABELS)
+        self.labels = fixed_list_to_numpy(table.column("labels"), NUM_SLICE_TARGETS)
+        self.study_labels = fixed_list_to_numpy(table.column("study_labels"), NUM_STUDY_TARGETS)
         self.study_ids = np.asarray(table.column("StudyInstanceUID").to_pylist(), dtype=object)
         self.slice_numbers = table.column("slice_number").to_numpy()
         self.zs = table.column("z").to_numpy()
-        stored = shape[0]
-        if stored not in (1, 3):
-            raise ValueError(f"{self.path}: pixel_values has {stored} channels; expected 1 ('bone25d') or 3")
-        # (below, above): rows of the slices that fill channels 0 and 2, for one-channel ('bone25d') shards
-        self.neighbors = neighbor_rows(self.study_ids, read_neighbor_offset(self.path)) if stored == 1 else None
+        layout = read_channel_layout(self.path, stored=shape[0])
+        self.plan: list[CopyRun] = copy_plan(layout, self.study_ids)
         self._table = table  # keeps the memory map open for the views
 
     def __getstate__(self) -> dict:
@@ -109,48 +112,42 @@ class ShardDataset(torch.utils.data.Dataset):
             raise IndexError(f"index out of range for a shard of {n} slices")
         indices = np.where(indices < 0, indices + n, indices)
         size = self.image_size
-        out = np.empty((len(indices), 3, size, size), np.uint8)
-        if self.neighbors is None:
-            self._copy_rows(indices, out)
-        else:
-            below, above = self.neighbors
-            for channel, rows in enumerate((below[indices], indices, above[indices])):
-                self._copy_rows(rows, out[:, channel : channel + 1])
-        return out
+        out = np.empty((len(indices), MODEL_CHANNELS, size, size), np.uint8)
+        return assemble(self.plan, indices, self._copy_rows, out)
 
-    def _copy_rows(self, rows: np.ndarray, out: np.ndarray) -> None:
-        """out[k] = stored pixels of row rows[k]: one copy per slice, straight from the memory map."""
+    def _copy_rows(self, rows: np.ndarray, channels: slice, out: np.ndarray) -> None:
+        """out[k] = stored `channels` of row rows[k]: one copy per slice, straight from the memory map."""
         chunk_of = np.searchsorted(self._chunk_starts, rows, side="right") - 1
         local = rows - self._chunk_starts[chunk_of]
         chunks = self._pixel_chunks
         for k, (c, i) in enumerate(zip(chunk_of.tolist(), local.tolist())):
-            out[k] = chunks[c][i]
+            out[k] = chunks[c][i, channels]
 
 
-def read_neighbor_offset(path: Path) -> int:
-    """The neighbour distance a one-channel shard was written with (its `vit_spine_shard.json`)."""
-    meta_path = path / SHARD_META
+def read_channel_layout(path: Path, stored: int) -> Layout:
+    """How the model's channels are assembled from a shard's `stored` ones: its `vit_spine_shard.json`
+    `channel_layout`. Shards written before it (no entry) are 'bone25d' with their `neighbor_offset`
+    when they store one channel, and 'windows' when they store three (also a `datasets` folder without it)."""
+    meta_path = path / SHARD_META_FILE
     try:
-        offset = json.loads(meta_path.read_text())["neighbor_offset"]
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"{meta_path}: a one-channel shard needs its neighbor_offset here ({error!r})") from error
-    if not isinstance(offset, int) or offset < 1:
-        raise ValueError(f"{meta_path}: neighbor_offset must be a positive integer, got {offset!r}")
-    return offset
-
-
-def neighbor_rows(study_ids: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows `offset` below and above each row within its study (rows of a study are contiguous, z-sorted);
-    the first / last row of the study where that goes past its end (as `preprocess.stack_channels`)."""
-    n = len(study_ids)
-    rows = np.arange(n)
-    starts_here = np.ones(n, bool)
-    starts_here[1:] = study_ids[1:] != study_ids[:-1]
-    first = np.maximum.accumulate(np.where(starts_here, rows, 0))
-    ends_here = np.ones(n, bool)
-    ends_here[:-1] = starts_here[1:]
-    last = np.minimum.accumulate(np.where(ends_here, rows, n - 1)[::-1])[::-1]
-    return np.maximum(rows - offset, first), np.minimum(rows + offset, last)
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{meta_path}: cannot read the shard's description ({error!r})") from error
+    if "channel_layout" in meta:
+        layout = check_layout(meta["channel_layout"], f"{meta_path} channel_layout")
+    elif stored == 3:
+        layout = PreprocessConfig(channels="windows").channel_layout()
+    else:
+        offset = meta.get("neighbor_offset")
+        if not isinstance(offset, int) or offset < 1:
+            raise ValueError(f"{meta_path}: a one-channel shard needs its channel_layout or a positive "
+                             f"neighbor_offset here, got {offset!r}")
+        layout = PreprocessConfig(neighbor_offset=offset).channel_layout()
+    needs = 1 + max(channel for _, channel in layout)
+    if needs != stored:
+        raise ValueError(f"{path}: pixel_values has {stored} channel(s) but its channel layout {list(layout)} "
+                         f"reads {needs}")
+    return layout
 
 
 def collate_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -257,7 +254,7 @@ def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.
 
 def positive_slices(labels: np.ndarray) -> np.ndarray:
     """Boolean (n,): a slice shows at least one fractured vertebra (unknown targets count as not)."""
-    return np.nan_to_num(labels[:, :7], nan=0.0).max(axis=1) > 0.5
+    return np.nan_to_num(labels[:, FRACTURES], nan=0.0).max(axis=1) > 0.5
 
 
 def balanced_sampler(
@@ -284,4 +281,35 @@ def balanced_sampler(
         num_samples=num_samples or len(positive),
         replacement=True,
         generator=generator,
+    )
+
+
+@dataclass
+class ValidationSet:
+    """The validation shards of a chunks folder (the one loader: `load_validation`), and per slice what
+    scoring and the report need besides the model's outputs, in manifest order."""
+
+    shards: list[ShardDataset]  # in manifest order
+    study_ids: np.ndarray  # (n,) str
+    study_labels: np.ndarray  # (n, 8) float, NaN if unlabeled
+
+    @property
+    def dataset(self) -> torch.utils.data.Dataset:
+        """All validation slices as one Dataset (what `vit_spine.inference` reads)."""
+        return self.shards[0] if len(self.shards) == 1 else torch.utils.data.ConcatDataset(self.shards)
+
+    def column(self, name: str) -> np.ndarray:
+        """A per-slice array of the shards (`labels`, `zs`, `slice_numbers`...), concatenated."""
+        return np.concatenate([getattr(s, name) for s in self.shards])
+
+
+def load_validation(chunks: Path, manifest: dict) -> ValidationSet:
+    """The validation shards of a chunks folder (in manifest order) and their study labels."""
+    shards = [ShardDataset(Path(chunks) / s["path"]) for s in val_shards(manifest)]
+    if not shards:
+        raise ValueError(f"{Path(chunks) / MANIFEST_FILE} lists no validation shard; re-chunk with --val_fraction > 0")
+    return ValidationSet(
+        shards=shards,
+        study_ids=np.concatenate([s.study_ids for s in shards]),
+        study_labels=np.concatenate([s.study_labels for s in shards]),
     )

@@ -12,18 +12,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vit_spine import VERTEBRAE, cli
-from vit_spine.cli import parse_config
+from vit_spine import cli, options
+from vit_spine.artifacts import RunDir
+from vit_spine.options import aliases, parse_config
+from vit_spine.schema import VERTEBRAE
 
 
 @dataclass
 class DemoConfig:
     workdir: str = field(default="demo", metadata={"help": "folder for the synthetic dataset and the slice table."})
     chunks: str = field(default="chunks/demo", metadata={"help": "folder for the demo's shards."})
-    output: str = field(default="checkpoints/demo", metadata={"help": "folder for the demo's training run."})
-    studies: int = field(default=300, metadata={"help": "synthetic studies (train + test)."})
-    test_studies: int = field(default=6, metadata={"help": "of which in test_images/ (predicted at the end)."})
-    slices: int = field(default=40, metadata={"help": "slices per study."})
+    output_dir: str = field(
+        default="checkpoints/demo", metadata={"help": "folder for the demo's training run.", "aliases": aliases("output")}
+    )
+    num_studies: int = field(default=300, metadata={"help": "synthetic studies (train + test).", "aliases": aliases("studies")})
+    num_test_studies: int = field(
+        default=6, metadata={"help": "of which in test_images/ (predicted at the end).", "aliases": aliases("test_studies")}
+    )
+    num_slices: int = field(default=40, metadata={"help": "slices per study.", "aliases": aliases("slices")})
     size: int = field(default=96, metadata={"help": "rows/columns of the synthetic DICOM slices."})
     fracture_width: float = field(
         default=0.06,
@@ -53,18 +59,18 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         """Check every value before the demo removes its folders: the stages' own configs check theirs."""
-        from vit_spine import options
         from vit_spine.chunk import ChunkConfig
         from vit_spine.preprocess import PreprocessConfig
         from vit_spine.synth import SynthConfig
 
-        for option in ("workdir", "chunks", "output"):
+        for option in ("workdir", "chunks", "output_dir"):
             options.folder_path(getattr(self, option), f"--{option}")
-        SynthConfig(out=str(Path(self.workdir) / "data"), studies=self.studies, test_studies=self.test_studies,
-                    slices=self.slices, size=self.size, fracture_width=self.fracture_width)
+        SynthConfig(output_dir=str(Path(self.workdir) / "data"), num_studies=self.num_studies,
+                    num_test_studies=self.num_test_studies, num_slices=self.num_slices, size=self.size,
+                    fracture_width=self.fracture_width)
         PreprocessConfig(image_size=self.image_size, crop=1.0 if self.pixel_spacing is not None else self.crop,
                          pixel_spacing=self.pixel_spacing)
-        ChunkConfig(out=self.chunks, shard_size=self.shard_size, val_fraction=self.val_fraction, workers=0)
+        ChunkConfig(output_dir=self.chunks, shard_size=self.shard_size, val_fraction=self.val_fraction, workers=0)
         if self.patch_size < 1 or self.image_size % self.patch_size:
             raise ValueError(f"--patch_size {self.patch_size} does not divide --image_size {self.image_size}")
         options.positive(self.epochs_per_shard, "--epochs_per_shard")
@@ -85,7 +91,7 @@ def run_step(title: str, name: str, command: list[str]) -> None:
 def framing(config: DemoConfig) -> list[str]:
     """chunk's options for what part of each slice the model sees: a physical pixel size, or the crop."""
     if config.pixel_spacing is not None:
-        return ["--pixel-spacing", str(config.pixel_spacing)]
+        return ["--pixel_spacing", str(config.pixel_spacing)]
     return ["--crop", str(config.crop)]
 
 
@@ -108,37 +114,37 @@ def run_demo(config: DemoConfig) -> None:
     from vit_spine import evaluation
 
     started = time.time()
-    workdir, chunks, output = Path(config.workdir), Path(config.chunks), Path(config.output)
+    workdir, chunks, output = Path(config.workdir), Path(config.chunks), Path(config.output_dir)
     for folder in (workdir, chunks, output):  # the demo always starts from scratch, in its own folders only
         shutil.rmtree(folder, ignore_errors=True)
     data, table = workdir / "data", workdir / "slices.parquet"
     run_step("1. synthetic RSNA-layout dataset", "synth", [
-        str(data), "--studies", str(config.studies), "--test-studies", str(config.test_studies),
-        "--slices", str(config.slices), "--size", str(config.size), "--seed", str(config.seed), "--workers", "2",
-        "--fracture-width", str(config.fracture_width),
+        str(data), "--num_studies", str(config.num_studies), "--num_test_studies", str(config.num_test_studies),
+        "--num_slices", str(config.num_slices), "--size", str(config.size), "--seed", str(config.seed), "--workers", "2",
+        "--fracture_width", str(config.fracture_width),
     ])
     vertebrae = write_vertebrae_table(data, workdir / "vertebrae.csv")
-    run_step("2. slice table", "scan", [str(data), "--out", str(table), "--vertebrae-table", str(vertebrae), "--no-progress"])
+    run_step("2. slice table", "scan", [str(data), "--output_file", str(table), "--vertebrae_table", str(vertebrae), "--no_progress"])
     run_step("3. shards", "chunk", [
-        str(data), "--slice-table", str(table), "--out", str(chunks), "--shard-size", str(config.shard_size),
-        "--image-size", str(config.image_size), *framing(config), "--val-fraction", str(config.val_fraction),
-        "--ignore-folds", "--seed", str(config.seed), "--no-progress",
+        str(data), "--slice_table", str(table), "--output_dir", str(chunks), "--shard_size", str(config.shard_size),
+        "--image_size", str(config.image_size), *framing(config), "--val_fraction", str(config.val_fraction),
+        "--ignore_folds", "--seed", str(config.seed), "--no_progress",
     ])
     run_step("4. incremental training (tiny ViT)", "train", [
-        "--chunks", str(chunks), "--output", str(output), "--model-config", "tiny", "--patch-size", str(config.patch_size),
+        "--chunks", str(chunks), "--output_dir", str(output), "--model_config", "tiny", "--patch_size", str(config.patch_size),
         "--num_train_epochs", str(config.epochs_per_shard), "--per_device_train_batch_size", "32",
-        "--learning_rate", str(config.learning_rate), "--positive-fraction", str(config.positive_fraction),
+        "--learning_rate", str(config.learning_rate), "--positive_fraction", str(config.positive_fraction),
         "--warmup_steps", "0.1", "--patience", "2", "--seed", str(config.seed),
         "--logging_steps", "20", "--disable_tqdm", "True", "--use_cpu", "True",
     ])
     run_step("5. evaluate the best checkpoint", "evaluate", [str(output), "--chunks", str(chunks)])
     submission = workdir / "submission.csv"
     run_step("6. predict the synthetic test studies", "predict", [
-        str(output), str(data / "test_images"), "--studies", str(data / "test.csv"), "--out", str(submission),
-        "--slices-out", str(workdir / "slice_scores.parquet"), "--no-progress",
+        str(output), str(data / "test_images"), "--studies_csv", str(data / "test.csv"), "--output_file", str(submission),
+        "--slices_out", str(workdir / "slice_scores.parquet"), "--no_progress",
     ])
     run_step("7. report", "report", [str(output), "--chunks", str(chunks)])
-    rows = evaluation.read_metrics(output)
+    rows = RunDir(output).read_rows()
     print("\n=== per shard: validation weighted log loss (cross-fitted calibration), raw, the constant-prevalence "
           "baseline on the same studies, AUC")
     print(evaluation.format_table(rows))

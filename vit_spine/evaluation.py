@@ -1,7 +1,9 @@
-"""Scoring a model on the validation shard(s): slice -> vertebra -> patient pooling, calibration, metrics.
+"""Scoring a model on the validation shard(s): slice -> study aggregation, calibration, metrics, the metrics table.
 
 `vit-spine evaluate CHECKPOINT --chunks DIR` prints and writes the metrics of any checkpoint.
-The same `score_predictions` runs after every training shard, so both report the same numbers.
+The same `score_predictions` runs after every training shard and in `report`, on slice probabilities
+from the same `vit_spine.inference` path, so all of them report the same numbers. `format_table` is the
+one metrics table: plain text (the commands' output), markdown (the Hub model card) and HTML (report).
 """
 
 from __future__ import annotations
@@ -9,32 +11,37 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vit_spine import STUDY_TARGETS, VERTEBRAE, metrics
+from vit_spine import metrics, options
+from vit_spine.aggregate import aggregate_studies, aggregator_names, make_aggregator
+from vit_spine.artifacts import default_chunks, load_manifest, read_checkpoint_meta, resolve_checkpoint, train_shards, verify_checkpoint
+from vit_spine.options import aliases, parse_config
+from vit_spine.schema import EVAL_RESULTS_FILE, STUDY_TARGETS, VERTEBRAE
 
-CHECKPOINT_META = "vit_spine.json"  # saved beside the weights: preprocessing, calibration, metrics
-METRICS_FILE = "metrics.jsonl"  # one row per finished shard, in the run folder
+if TYPE_CHECKING:
+    from vit_spine.data import ValidationSet
 
 
 @dataclass
 class PoolingConfig:
-    slice_pool: str = field(default="max", metadata={"help": "slice -> vertebra pooling (see vit_spine.metrics)."})
-    patient_pool: str = field(default="max", metadata={"help": "vertebra -> patient pooling (see vit_spine.metrics)."})
+    slice_pool: str = field(
+        default="max",
+        metadata={"help": "the aggregator that turns a study's slice scores into its 8 probabilities (vit_spine.aggregate; "
+                  f"built in: {', '.join(aggregator_names())})."},
+    )
+    patient_pool: str = field(
+        default="max", metadata={"help": "the max aggregator's vertebra -> patient rule: max or noisy_or."}
+    )
     calibration_folds: int = field(
         default=5,
         metadata={"help": "folds for the cross-fitted calibration of the reported score (0 = no calibration)."},
     )
 
-
-@dataclass
-class ValidationSet:
-    """Everything scoring needs besides the model's outputs, one entry per validation slice."""
-
-    study_ids: np.ndarray  # (n,) str
-    study_labels: np.ndarray  # (n, 8) float, NaN if unlabeled
+    def __post_init__(self) -> None:
+        make_aggregator(self)  # an unknown --slice_pool or --patient_pool is refused when it is parsed
 
 
 def study_label_matrix(validation: ValidationSet, uids: np.ndarray) -> np.ndarray:
@@ -52,17 +59,13 @@ def score_predictions(
     pooling: PoolingConfig,
     seed: int = 0,
 ) -> tuple[dict, "metrics.Calibrator | None", dict[str, np.ndarray]]:
-    """Pool slice probabilities (n, 14) to studies and score them.
+    """Aggregate slice probabilities (n, 14) to studies (`pooling.slice_pool`) and score them.
 
     Returns (metrics row, calibrator fitted on all validation studies for use at predict time,
     arrays {uids, raw, calibrated, labels} for reports). The reported `weighted_log_loss` is the
     cross-fitted one: no study is scored by a calibrator that saw its own labels.
     """
-    uids, vertebra_probs = metrics.pool_slices_to_studies(
-        validation.study_ids, slice_probs[:, : len(VERTEBRAE)], how=pooling.slice_pool
-    )
-    patient_probs = metrics.vertebra_to_patient(vertebra_probs, how=pooling.patient_pool)
-    raw = metrics.study_matrix(uids, vertebra_probs, patient_probs)
+    uids, raw = aggregate_studies(make_aggregator(pooling), validation.study_ids, slice_probs)
     labels = study_label_matrix(validation, uids)
     labelled = ~np.isnan(labels).any(axis=1)
     uids, raw, labels = uids[labelled], raw[labelled], labels[labelled]
@@ -95,206 +98,167 @@ def train_prevalence(study_labels: np.ndarray, study_ids: np.ndarray) -> np.ndar
     per_study = per_study[~np.isnan(per_study).any(axis=1)]
     if len(per_study) == 0:
         raise ValueError("the training shards hold no labelled study: cannot compute the prevalence baseline")
-    return per_study.mean(axis=0)
+    return metrics.prevalence(per_study)
 
 
-def best_row(rows: list[dict], min_delta: float = 0.0) -> dict | None:
-    """The run's best shard: in shard order, a shard is the new best when its validation weighted log loss
-    is below the best so far by more than `min_delta` (train's --min_delta). The one rule for "best"."""
-    best = None
-    for row in sorted(rows, key=lambda r: r["shard"]):
-        if best is None or row["weighted_log_loss"] < best["weighted_log_loss"] - min_delta:
-            best = row
-    return best
+TABLE_STYLES = ("text", "markdown", "html")
+TABLE_HEADER = ("shard", "global step", "val wll", "val wll raw", "baseline wll", "AUC patient_overall", "mean AUC C1-C7",
+                "train loss")
 
 
-WEIGHT_FILES = ("config.json",)  # besides the *.safetensors: what `from_pretrained` needs
+def table_cells(row: dict) -> list[str]:
+    """One metrics row as the table's cells (TABLE_HEADER order; n/a where a value is missing or undefined)."""
+    def number(value, digits: int) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    auc = row.get("auc") or {}
+    vertebra_auc = [auc[v] for v in VERTEBRAE if auc.get(v) is not None]
+    return [
+        "-" if row.get("shard") is None else f"{row['shard']:05d}",
+        str(row.get("global_step", "n/a")),
+        number(row.get("weighted_log_loss"), 4),
+        number(row.get("weighted_log_loss_uncalibrated"), 4),
+        number(row.get("baseline_weighted_log_loss"), 4),
+        number(auc.get(STUDY_TARGETS[0]), 3),
+        number(float(np.mean(vertebra_auc)) if vertebra_auc else None, 3),
+        number(row.get("train_loss"), 4),
+    ]
 
 
-def checkpoint_weight_files(checkpoint: Path) -> list[str]:
-    """The files of a checkpoint that hold the model: its safetensors (and index) and config.json."""
-    names = sorted(p.name for p in Path(checkpoint).glob("*.safetensors*"))
-    return names + [name for name in WEIGHT_FILES if (Path(checkpoint) / name).is_file()]
-
-
-def verify_checkpoint(checkpoint: Path, meta: dict) -> None:
-    """DamagedFile naming the checkpoint, what differs and how to repair it, unless its weight files have
-    the sizes and checksums recorded when it was saved (checkpoints saved before the record: not checked)."""
-    from vit_spine.fs import DamagedFile, check_files
-
-    record = meta.get("files")
-    if not record:
-        return
-    damage = check_files(Path(checkpoint), record, checksums=True)
-    if damage:
-        raise DamagedFile(
-            f"checkpoint {checkpoint} is damaged ({'; '.join(damage)}): use another shard's checkpoint, or delete "
-            f"{Path(checkpoint).name}/{CHECKPOINT_META} and run the same `vit-spine train` command again to train it anew"
-        )
-
-
-def load_json(path: Path, fix: str, text: str | None = None) -> Any:
-    """JSON of a file this tool wrote (or `text`, one line of it); ValueError naming the file and `fix`
-    when it is not valid JSON (cut short by a kill or a full disk, or edited by hand)."""
-    try:
-        return json.loads(Path(path).read_text() if text is None else text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}): {fix}") from err
-
-
-def read_checkpoint_meta(checkpoint: Path) -> dict:
-    path = Path(checkpoint) / CHECKPOINT_META
-    fix = (f"use another shard's checkpoint, or delete {Path(checkpoint).name}/{CHECKPOINT_META} and run the same "
-           "`vit-spine train` command again to train it anew")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing: {fix}")
-    meta = load_json(path, fix)
-    if not isinstance(meta, dict) or not isinstance(meta.get("shard"), int) or not isinstance(meta.get("metrics"), dict):
-        raise ValueError(f"{path}: expected integer `shard` and a `metrics` object: {fix}")
-    return meta
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of RUN_DIR/metrics.jsonl ([] when there is none yet)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    fix = "run the same `vit-spine train` command again to rewrite it from the shards' checkpoints"
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            row = load_json(path, f"line {number} is damaged: {fix}", text=line)
-            if not isinstance(row, dict) or "shard" not in row or "weighted_log_loss" not in row:
-                raise ValueError(f"{path}: line {number} is not a metrics row: {fix}")
-            rows.append(row)
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    """Per shard: validation weighted log loss (calibrated and raw), baseline, AUCs."""
-    header = f"{'shard':>5} {'step':>6} {'wll':>7} {'wll_raw':>8} {'baseline':>8} {'auc_any':>7} {'auc_mean_C':>10}"
-    lines = [header, "-" * len(header)]
+def format_table(rows: list[dict], style: str = "text", best_shard: int | None = None, current_shard: int | None = None) -> str:
+    """The metrics table, one row per metrics row (validation weighted log loss calibrated and raw, the
+    prevalence baseline, AUCs, training loss): `style` text (aligned columns), markdown or html. The row
+    of `best_shard` is marked "(best)"; the row of `current_shard` in bold, "(this checkpoint)"."""
+    if style not in TABLE_STYLES:
+        raise ValueError(f"style {style!r}: choose one of {', '.join(TABLE_STYLES)}")
+    body = []
     for row in rows:
-        auc = row.get("auc", {})
-        vert = [auc.get(v) for v in VERTEBRAE if auc.get(v) is not None]
-        overall = auc.get(STUDY_TARGETS[0])
-        lines.append(
-            f"{row.get('shard', '-'):>5} {row.get('global_step', '-'):>6} {row['weighted_log_loss']:7.4f} "
-            f"{row['weighted_log_loss_uncalibrated']:8.4f} {row['baseline_weighted_log_loss']:8.4f} "
-            f"{'   n/a' if overall is None else f'{overall:7.3f}'} "
-            f"{'      n/a' if not vert else f'{np.mean(vert):10.3f}'}"
-        )
-    return "\n".join(lines)
+        cells = table_cells(row)
+        if best_shard is not None and row.get("shard") == best_shard:
+            cells[0] += " (best)"
+        if current_shard is not None and row.get("shard") == current_shard:
+            cells[0] = f"**{cells[0]}** (this checkpoint)" if style == "markdown" else f"{cells[0]} (this checkpoint)"
+        body.append(cells)
+    if style == "markdown":
+        lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---:|" * len(TABLE_HEADER)]
+        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+    if style == "html":
+        import html
+
+        def tr(cells, tag):
+            return "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>"
+
+        return "\n".join(["<table>", tr(TABLE_HEADER, "th"), *(tr(cells, "td") for cells in body), "</table>"])
+    widths = [max([len(h), *(len(cells[i]) for cells in body)]) for i, h in enumerate(TABLE_HEADER)]
+    header = " ".join(h.rjust(w) for h, w in zip(TABLE_HEADER, widths))
+    return "\n".join([header, "-" * len(header), *(" ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in body)])
 
 
 @dataclass
 class EvaluateConfig:
-    checkpoint: str = field(metadata={"help": "a shard checkpoint folder, or a run folder (then its `best`)."})
+    checkpoint: str = field(
+        metadata={"help": "a shard checkpoint folder, or a run folder (then its `best`).", "aliases": aliases("model_name_or_path")}
+    )
     chunks: str | None = field(
         default=None,
         metadata={"help": "chunks folder whose validation shard(s) to score (default: the run's own, from run_config.json)."},
     )
-    out: str | None = field(default=None, metadata={"help": "write the metrics as JSON here (default CHECKPOINT/eval_results.json)."})
+    output_file: str | None = field(
+        default=None,
+        metadata={"help": "write the metrics as JSON here (default CHECKPOINT/eval_results.json).", "aliases": aliases("out")},
+    )
     batch_size: int = field(default=64, metadata={"help": "slices per forward pass."})
     seed: int | None = field(
         default=None, metadata={"help": "seed of the cross-fitted calibration folds (default: the training run's --seed)."}
     )
 
     def __post_init__(self) -> None:
-        from vit_spine import options
-
         options.at_least(self.batch_size, 1, "--batch_size")
         options.folder_path(self.checkpoint, "CHECKPOINT")
         options.folder_path(self.chunks, "--chunks")
-        options.file_path(self.out, "--out")
+        options.file_path(self.output_file, "--output_file")
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A shard checkpoint folder; a run folder stands for its `best` shard."""
-    path = Path(path).resolve()
-    if (path / CHECKPOINT_META).is_file():
-        return path
-    if (path / "best" / CHECKPOINT_META).is_file():
-        return (path / "best").resolve()
-    raise FileNotFoundError(
-        f"{path} is neither a vit-spine checkpoint ({CHECKPOINT_META}) nor a run folder with a `best` checkpoint"
-    )
+def checkpoint_prevalence(meta: dict, chunks: Path, manifest: dict) -> np.ndarray:
+    """The baseline's prevalence (8,): the training studies' as training logged it in the checkpoint, else
+    (checkpoints saved before it was recorded) over every training shard of `chunks`."""
+    from vit_spine.data import ShardDataset
+
+    if "baseline_prevalence" in meta:
+        return np.asarray(meta["baseline_prevalence"], dtype=np.float64)
+    train_sets = [ShardDataset(chunks / e["path"]) for e in train_shards(manifest)]
+    return train_prevalence(np.concatenate([s.study_labels for s in train_sets]), np.concatenate([s.study_ids for s in train_sets]))
 
 
-def default_chunks(checkpoint: Path) -> Path:
-    run_config = checkpoint.parent / "run_config.json"
-    if not run_config.is_file():
-        raise FileNotFoundError(f"{run_config} not found: pass --chunks DIR")
-    saved = load_json(run_config, "pass --chunks DIR (the next `vit-spine train` of this run rewrites it)")
-    if not isinstance(saved, dict) or not isinstance(saved.get("chunks"), str):
-        raise ValueError(f"{run_config}: names no `chunks` folder: pass --chunks DIR")
-    return Path(saved["chunks"])
+def checkpoint_seed(meta: dict, seed: int | None = None) -> int:
+    """The seed of the cross-fitted calibration folds: `seed` when given, else the training run's --seed
+    (recorded in every checkpoint), so a re-score draws the folds the run's own score was computed on."""
+    if seed is not None:
+        return seed
+    return int(meta.get("seed", 42))  # checkpoints saved before the seed was recorded: TrainingArguments' default
 
 
-def predict_slices(model, dataset, batch_size: int) -> np.ndarray:
-    """Sigmoid probabilities (n, 14) for every slice of `dataset`, in order (all processes get all rows).
+@dataclass
+class Scored:
+    """A checkpoint scored on validation shards: what `evaluate` prints and `report` draws."""
 
-    Runs through `Trainer.predict`, which shards the work across processes under `accelerate launch`
-    and gathers the predictions with the distributed sampler's padding removed.
-    """
-    import tempfile
+    row: dict  # the metrics row (score_predictions), with checkpoint, chunks, shard
+    slice_probs: np.ndarray  # (n, 14) per validation slice, in manifest order
+    validation: ValidationSet
+    studies: dict[str, np.ndarray]  # {uids, raw, calibrated, labels}: the labelled studies
 
-    import torch
-    from transformers import TrainingArguments
 
-    from vit_spine.train import ShardTrainer, collate
+def matching_manifest(chunks: Path, checkpoint: Path, meta: dict) -> dict:
+    """The manifest of `chunks`; ValueError when its shards were preprocessed otherwise than the checkpoint's."""
+    from vit_spine.preprocess import PreprocessConfig
 
-    with tempfile.TemporaryDirectory() as scratch:  # the Trainer wants an output folder; it writes nothing we keep
-        args = TrainingArguments(
-            output_dir=scratch,
-            per_device_eval_batch_size=batch_size,
-            report_to="none",
-            remove_unused_columns=False,
-            bf16_full_eval=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        )
-        logits = ShardTrainer(model=model, args=args, data_collator=collate).predict(dataset).predictions
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    manifest = load_manifest(chunks)
+    if PreprocessConfig.from_dict(manifest["preprocess"]) != PreprocessConfig.from_dict(meta["preprocess"]):
+        raise ValueError(f"{chunks} was preprocessed differently from what {checkpoint} was trained on")
+    return manifest
+
+
+def score_checkpoint(
+    model, checkpoint: Path, meta: dict, chunks: Path, manifest: dict, batch_size: int, seed: int | None = None
+) -> Scored:
+    """Predict the validation shard(s) of `chunks` (its `matching_manifest`) with a loaded checkpoint
+    (`vit_spine.inference`) and score them as training does: its pooling, its prevalence baseline, its seed.
+    `evaluate` and `report` both run this."""
+    from vit_spine.data import load_validation
+    from vit_spine.inference import predict_probabilities
+
+    validation = load_validation(chunks, manifest)
+    probs = predict_probabilities(model, validation.dataset, batch_size, validation.study_ids)
+    pooling = PoolingConfig(**meta.get("pooling", {}))
+    row, _, studies = score_predictions(probs, validation, checkpoint_prevalence(meta, chunks, manifest), pooling,
+                                        seed=checkpoint_seed(meta, seed))
+    row = {"checkpoint": str(checkpoint), "chunks": str(chunks), "shard": meta.get("shard"), **row}
+    return Scored(row, probs, validation, studies)
 
 
 def evaluate_checkpoint(config: EvaluateConfig) -> dict:
-    from vit_spine import chunk as chunking
-    from vit_spine.data import ShardDataset
-    from vit_spine.model import load_model
-    from vit_spine.train import load_validation
+    from accelerate import PartialState
+
+    from vit_spine.models import load_model
 
     checkpoint = resolve_checkpoint(config.checkpoint)
     meta = read_checkpoint_meta(checkpoint)
     verify_checkpoint(checkpoint, meta)
     chunks = Path(config.chunks) if config.chunks else default_chunks(checkpoint)
-    manifest = chunking.load_manifest(chunks)
-    if manifest["preprocess"] != meta["preprocess"]:
-        raise ValueError(f"{chunks} was preprocessed differently from what {checkpoint} was trained on")
-    val_dataset, validation = load_validation(chunks, manifest)
-    if "baseline_prevalence" in meta:  # the training studies' prevalence, as logged during training
-        prevalence = np.asarray(meta["baseline_prevalence"], dtype=np.float64)
-    else:
-        train_sets = [ShardDataset(chunks / e["path"]) for e in chunking.train_shards(manifest)]
-        prevalence = train_prevalence(
-            np.concatenate([s.study_labels for s in train_sets]), np.concatenate([s.study_ids for s in train_sets])
-        )
-    probs = predict_slices(load_model(checkpoint), val_dataset, config.batch_size)
-    pooling = PoolingConfig(**meta.get("pooling", {}))
-    seed = config.seed if config.seed is not None else meta.get("seed", 42)
-    row, _, _ = score_predictions(probs, validation, prevalence, pooling, seed=seed)
-    return {"checkpoint": str(checkpoint), "chunks": str(chunks), "shard": meta.get("shard"), **row}
+    manifest = matching_manifest(chunks, checkpoint, meta)  # before the model: a bad --chunks fails at once
+    model = load_model(checkpoint).to(PartialState().device)  # this process's GPU under `accelerate launch`
+    return score_checkpoint(model, checkpoint, meta, chunks, manifest, config.batch_size, config.seed).row
 
 
 def main(argv=None) -> int:
     from accelerate import PartialState
-
-    from vit_spine.cli import parse_config
 
     (config,) = parse_config(
         EvaluateConfig, argv, prog="vit-spine evaluate", description=__doc__.split("\n")[0], positionals=("checkpoint",)
     )
     result = evaluate_checkpoint(config)
     if PartialState().is_main_process:
-        out = Path(config.out) if config.out else Path(result["checkpoint"]) / "eval_results.json"
+        out = Path(config.output_file) if config.output_file else Path(result["checkpoint"]) / EVAL_RESULTS_FILE
         out.write_text(json.dumps(result, indent=2))
         print(format_table([result]))
         print(f"\nwritten to {out}")

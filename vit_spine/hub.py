@@ -1,4 +1,4 @@
-"""Push shard checkpoints to the Hugging Face Hub: `vit-spine push CHECKPOINT --repo-id NAME`.
+"""Push shard checkpoints to the Hugging Face Hub: `vit-spine push CHECKPOINT --hub_model_id NAME`.
 
 Layout on the Hub (one model repo per run):
 
@@ -13,32 +13,37 @@ Layout on the Hub (one model repo per run):
   created at its main commit (no extra commit). A branch of that name left by an earlier push is
   reused as it is.
 
-The token comes from `HF_TOKEN` or `hf auth login` (huggingface_hub resolves it) and is never
+The token comes from `--hub_token`, else `HF_TOKEN` or `hf auth login` (huggingface_hub resolves it) and is never
 printed: every message that leaves this module has it masked. A push never writes to the local
 checkpoint; a failed one is retried (connection errors, 5xx, 429) with a doubling backoff, and
 is returned as `PushResult(ok=False, error=...)` with a message that says what to do; nothing is
 retried when the Hub refuses the token (401/403) or the request (other 4xx).
 
-The endpoint is `HF_ENDPOINT` as set when `push_checkpoint` runs (read here, not only at
-huggingface_hub's import: DESIGN.md pitfall 5), else https://huggingface.co.
+The endpoint is `HF_ENDPOINT` as set when `push_checkpoint` runs (read here: huggingface_hub itself
+reads it only once, when it is imported), else https://huggingface.co.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vit_spine import STUDY_TARGETS, VERTEBRAE
-from vit_spine.cli import parse_config
-from vit_spine.evaluation import CHECKPOINT_META, METRICS_FILE, read_checkpoint_meta, read_metrics, resolve_checkpoint
+from vit_spine import options
+from vit_spine.artifacts import RunDir, ShardSaved, best_row, read_checkpoint_meta, resolve_checkpoint
+from vit_spine.evaluation import format_table
+from vit_spine.options import aliases, parse_config
+from vit_spine.schema import CHECKPOINT_META_FILE, EVAL_RESULTS_FILE, TRAINER_STATE_FILE
 
-REQUIRED_FILES = ("config.json", CHECKPOINT_META)
-OPTIONAL_FILES = ("trainer_state.json", "eval_results.json")
+REQUIRED_FILES = ("config.json", CHECKPOINT_META_FILE)
+OPTIONAL_FILES = (TRAINER_STATE_FILE, EVAL_RESULTS_FILE)
 DEFAULT_ENDPOINT = "https://huggingface.co"
 RETRYABLE_STATUS = (408, 409, 429, 500, 502, 503, 504)  # 409: a concurrent commit moved the branch
 
@@ -63,14 +68,6 @@ class PushResult:
 # --- local side: which checkpoint, which files, which branch, what the card says ------------------
 
 
-def find_run_dir(checkpoint: Path) -> Path | None:
-    """The run folder a shard checkpoint belongs to (its parent, when that holds metrics.jsonl or `best`)."""
-    parent = checkpoint.resolve().parent
-    if (parent / METRICS_FILE).is_file() or (parent / "best").exists():
-        return parent
-    return None
-
-
 def checkpoint_files(checkpoint: Path) -> list[Path]:
     """The files a push uploads: weights, config, vit_spine.json and trainer state (not Trainer folders)."""
     missing = [name for name in REQUIRED_FILES if not (checkpoint / name).is_file()]
@@ -81,12 +78,6 @@ def checkpoint_files(checkpoint: Path) -> list[Path]:
         raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint: missing {', '.join(missing)}")
     extra = [checkpoint / name for name in OPTIONAL_FILES if (checkpoint / name).is_file()]
     return weights + [checkpoint / name for name in REQUIRED_FILES] + extra
-
-
-def is_run_best(checkpoint: Path, run_dir: Path | None) -> bool:
-    if run_dir is None or not (run_dir / "best").exists():
-        return False
-    return (run_dir / "best").resolve() == checkpoint.resolve()
 
 
 def shard_branch(shard: int) -> str:
@@ -105,32 +96,6 @@ def _fmt(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def metrics_table(rows: list[dict], current_shard: int) -> str:
-    """Markdown table, one row per shard; the pushed shard is in bold, the run's best is marked."""
-    best = min(rows, key=lambda r: r["weighted_log_loss"])["shard"]
-    lines = [
-        "| shard | global step | val weighted log loss | uncalibrated | baseline (prevalence) | AUC patient_overall | mean AUC C1-C7 |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in sorted(rows, key=lambda r: r["shard"]):
-        auc = row.get("auc") or {}
-        vertebra_auc = [auc[v] for v in VERTEBRAE if auc.get(v) is not None]
-        shard = f"{row['shard']:05d}" + (" (best)" if row["shard"] == best else "")
-        if row["shard"] == current_shard:
-            shard = f"**{shard}** (this checkpoint)"
-        cells = [
-            shard,
-            str(row.get("global_step", "n/a")),
-            _fmt(row["weighted_log_loss"]),
-            _fmt(row.get("weighted_log_loss_uncalibrated")),
-            _fmt(row.get("baseline_weighted_log_loss")),
-            _fmt(auc.get(STUDY_TARGETS[0]), 3),
-            _fmt(sum(vertebra_auc) / len(vertebra_auc) if vertebra_auc else None, 3),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def key_value_table(values: dict) -> str:
     lines = ["| setting | value |", "|---|---|"]
     for key, value in values.items():
@@ -139,8 +104,9 @@ def key_value_table(values: dict) -> str:
     return "\n".join(lines)
 
 
-def model_card(checkpoint: Path, meta: dict, rows: list[dict], repo_id: str, revision: str) -> str:
-    """README.md for the Hub: metrics, preprocessing, label order, pooling and how to load the model."""
+def model_card(checkpoint: Path, meta: dict, rows: list[dict], repo_id: str, revision: str, min_delta: float = 0.0) -> str:
+    """README.md for the Hub: metrics, preprocessing, label order, pooling and how to load the model.
+    `rows` are the run's metrics rows and `min_delta` its --min_delta: together they say which shard is best."""
     from huggingface_hub import ModelCardData
 
     config = json.loads((checkpoint / "config.json").read_text())
@@ -160,6 +126,8 @@ def model_card(checkpoint: Path, meta: dict, rows: list[dict], repo_id: str, rev
         tags=["vit", "vit-spine", "medical-imaging", "computed-tomography", "cervical-spine-fracture"],
     ).to_yaml()
     calibration = "fitted on the validation studies, stored in `vit_spine.json`" if meta.get("calibration") else "none"
+    table = format_table(sorted(rows, key=lambda r: r["shard"]), "markdown", best_shard=best_row(rows, min_delta)["shard"],
+                         current_shard=shard)
     return f"""---
 {metadata}
 ---
@@ -178,7 +146,7 @@ checkpoint of the run; every pushed shard stays available as `revision="{shard_b
 Competition weighted log loss on held-out studies (lower is better; the baseline predicts the
 training prevalence of each target), and ROC AUC at study level.
 
-{metrics_table(rows, shard)}
+{table}
 
 ## How to load it
 
@@ -238,14 +206,16 @@ def plan_push(
 ) -> PushPlan:
     meta = read_checkpoint_meta(checkpoint)
     files = checkpoint_files(checkpoint)
-    best = is_run_best(checkpoint, run_dir) if is_best is None else is_best
+    run = RunDir(run_dir) if run_dir is not None else None
+    best = (run is not None and run.is_best(checkpoint)) if is_best is None else is_best
     revision = revision or ("main" if best else shard_branch(meta["shard"]))
     metrics = meta["metrics"]
     description = (
         f"Checkpoint {checkpoint.name}, global step {metrics.get('global_step', 'n/a')}; "
         f"uncalibrated weighted log loss {_fmt(metrics.get('weighted_log_loss_uncalibrated'))}."
     )
-    card = model_card(checkpoint, meta, (read_metrics(run_dir) if run_dir else []), repo_id, revision)
+    rows, min_delta = (run.read_rows(), run.min_delta()) if run is not None else ([], 0.0)
+    card = model_card(checkpoint, meta, rows, repo_id, revision, min_delta)
     return PushPlan(checkpoint, files, meta["shard"], revision, best, commit_message(meta, best), description, card)
 
 
@@ -278,10 +248,10 @@ def push_checkpoint(
     every Hub-side failure comes back as `PushResult(ok=False, error=...)`.
     """
     checkpoint = resolve_checkpoint(checkpoint_dir)
-    run = Path(run_dir) if run_dir is not None else find_run_dir(checkpoint)
+    run = RunDir(Path(run_dir)) if run_dir is not None else RunDir.of_checkpoint(checkpoint)
     if retries < 1:
         raise ValueError(f"retries={retries}: need at least one attempt")
-    plan = plan_push(checkpoint, repo_id, run, is_best, revision)
+    plan = plan_push(checkpoint, repo_id, run.path if run else None, is_best, revision)
     return send_push(plan, repo_id, private=private, token=token, retries=retries, backoff_s=backoff_s, endpoint=endpoint)
 
 
@@ -364,7 +334,7 @@ def push_once(api, repo_id: str, plan: PushPlan, private: bool):
 def keep_hint(checkpoint: Path, repo_id: str) -> str:
     return (
         f"The checkpoint is kept at {checkpoint}; push it later with "
-        f"`vit-spine push {checkpoint} --repo-id {repo_id}`"
+        f"`vit-spine push {checkpoint} --hub_model_id {repo_id}`"
     )
 
 
@@ -410,16 +380,98 @@ def describe_failure(err: Exception, endpoint: str, repo_id: str) -> tuple[str, 
     return f"{type(err).__name__}: {err}", False
 
 
+# --- pushing a run while it trains -------------------------------------------------------------
+
+
+class ShardPusher:
+    """Pushes a training run's finished shards to the Hub in a background thread, one at a time and in
+    order, so that the next shard trains during the upload (a ViT-B/16 checkpoint is about 350 MB).
+
+    It subscribes to train's "shard saved" event: `run_training(..., on_shard_saved=[pusher])` calls it
+    with each `ShardSaved` once the shard's checkpoint and the run's files are written; `finish()` waits
+    for the uploads. The thread is a daemon: huggingface_hub's HTTP calls have no timeout, and Ctrl-C
+    while the run waits for a stalled upload at its end must still end the process (the checkpoints stay
+    on disk).
+    """
+
+    def __init__(self, repo_id: str, *, private: bool = False, token: str | None = None) -> None:
+        self.repo_id, self.private, self.token = repo_id, private, token
+        self.run_dir: Path | None = None  # of the shards pushed, for the "push them later" hint
+        self.queue: queue.Queue = queue.Queue()
+        self.pending: list[tuple[int, Future]] = []
+        threading.Thread(target=self._work, name="hub-push", daemon=True).start()
+
+    def __call__(self, event: ShardSaved) -> None:
+        """Plan the shard's commit now (its model card reads metrics.jsonl), upload it in the background."""
+        self.run_dir = event.run.path
+        plan = plan_push(event.checkpoint, self.repo_id, event.run.path, event.is_best, None)
+        future: Future = Future()
+        self.queue.put((plan, future))
+        self.pending.append((event.shard, future))
+
+    def finish(self) -> list[PushResult]:
+        """Wait for every push; returns the PushResults of those that failed."""
+        self.queue.put(None)
+        waiting = [k for k, future in self.pending if not future.done()]
+        if waiting:
+            print(f"waiting for the Hub push of {self._names(waiting)} (Ctrl-C abandons it)", flush=True)
+        try:
+            # Wake up every second: a Ctrl-C that the kernel hands to the push thread only raises here
+            # when this thread runs Python code again.
+            futures = [future for _, future in self.pending]
+            while wait(futures, timeout=1.0).not_done:
+                pass
+        except KeyboardInterrupt:
+            unfinished = [k for k, future in self.pending if not future.done()]
+            print(
+                f"abandoned the Hub push of {self._names(unfinished)}; the checkpoints are kept: push them with "
+                f"`vit-spine push {self.run_dir}/shard_XXXXX --hub_model_id {self.repo_id}`",
+                flush=True,
+            )
+            raise
+        results = [future.result() for _, future in self.pending]
+        return [result for result in results if not result.ok]
+
+    @staticmethod
+    def _names(shards: list[int]) -> str:
+        return "shard(s) " + ", ".join(f"{k:05d}" for k in shards)
+
+    def _work(self) -> None:
+        while (job := self.queue.get()) is not None:
+            plan, future = job
+            try:
+                future.set_result(self._send(plan))
+            except BaseException as error:  # a bug here must reach finish(), not leave it waiting
+                future.set_exception(error)
+
+    def _send(self, plan: PushPlan) -> PushResult:
+        try:
+            result = send_push(plan, self.repo_id, private=self.private, token=self.token)
+        except Exception as error:  # noqa: BLE001 - reported like any failed push; training goes on
+            result = PushResult(False, plan.checkpoint, self.repo_id, plan.revision, 1, error=f"{type(error).__name__}: {error}")
+        print(result.summary(), flush=True)
+        return result
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 
 
 @dataclass
 class PushConfig:
     checkpoint: str = field(
-        metadata={"help": "a shard checkpoint folder, or a run folder (then its `best` shard and the run's metrics)."}
+        metadata={"help": "a shard checkpoint folder, or a run folder (then its `best` shard and the run's metrics).",
+                  "aliases": aliases("model_name_or_path")}
     )
-    repo_id: str = field(metadata={"help": "Hub model repo `owner/name`; created when missing."})
-    private: bool = field(default=False, metadata={"help": "create the repo private (an existing repo keeps its visibility)."})
+    hub_model_id: str = field(
+        metadata={"help": "Hub model repo `owner/name`; created when missing.", "aliases": aliases("repo_id")}
+    )
+    hub_private_repo: bool = field(
+        default=False,
+        metadata={"help": "create the repo private (an existing repo keeps its visibility).", "aliases": aliases("private")},
+    )
+    hub_token: str | None = field(
+        default=None, metadata={"help": "Hub token with write access (default: $HF_TOKEN or the `hf auth login` one); never printed."}
+    )
     run_dir: str | None = field(
         default=None,
         metadata={"help": "run folder whose metrics.jsonl fills the model card (default: the checkpoint's run folder)."},
@@ -432,11 +484,10 @@ class PushConfig:
     backoff: float = field(default=2.0, metadata={"help": "seconds before the first retry; doubled before each next one."})
 
     def __post_init__(self):
-        if self.repo_id.count("/") != 1 or not all(self.repo_id.split("/")):
-            raise ValueError(f"--repo_id {self.repo_id!r}: expected `owner/name`")
+        if self.hub_model_id.count("/") != 1 or not all(self.hub_model_id.split("/")):
+            raise ValueError(f"--hub_model_id {self.hub_model_id!r}: expected `owner/name`")
         if self.retries < 1:
             raise ValueError(f"--retries {self.retries}: need at least 1")
-        from vit_spine import options
 
         options.at_least(self.backoff, 0, "--backoff")
         options.folder_path(self.checkpoint, "CHECKPOINT")
@@ -449,10 +500,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     result = push_checkpoint(
         config.checkpoint,
-        config.repo_id,
+        config.hub_model_id,
         run_dir=config.run_dir,
         revision=config.revision,
-        private=config.private,
+        private=config.hub_private_repo,
+        token=config.hub_token,
         retries=config.retries,
         backoff_s=config.backoff,
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vit_spine import STUDY_TARGETS, VERTEBRAE
+from vit_spine.schema import STUDY_TARGETS, VERTEBRAE
 
 TRAIN_COLUMNS = ("StudyInstanceUID", *STUDY_TARGETS)
 BOX_COLUMNS = ("StudyInstanceUID", "x", "y", "width", "height", "slice_number")
@@ -114,18 +114,6 @@ def read_test_table(path: str | Path) -> pd.DataFrame:
         )
     _require_unique(df, ["row_id"], path)
     return df[list(TEST_COLUMNS)].reset_index(drop=True)
-
-
-def boxes_label_conflicts(boxes: pd.DataFrame, labels: pd.DataFrame) -> list[str]:
-    """Describe boxed studies that train.csv does not list or lists as negative (empty when consistent)."""
-    overall = labels.set_index("StudyInstanceUID")["patient_overall"]
-    conflicts = []
-    for uid in boxes["StudyInstanceUID"].unique():
-        if uid not in overall.index:
-            conflicts.append(f"{uid}: has bounding boxes but no row in train.csv")
-        elif overall[uid] != 1:
-            conflicts.append(f"{uid}: has bounding boxes but patient_overall is 0")
-    return conflicts
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:

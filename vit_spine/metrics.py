@@ -1,11 +1,8 @@
-"""Scoring: the competition's weighted log loss, AUCs, slice -> vertebra -> patient pooling, calibration.
+"""Scoring: the competition's weighted log loss, AUCs, calibration (slice -> study pooling: `vit_spine.aggregate`).
 
 Column orders used throughout:
 - study arrays (labels, predictions): (n_studies, 8), columns `[patient_overall, C1, ..., C7]`
-  (`vit_spine.STUDY_TARGETS`);
-- slice and vertebra arrays: (n, 7), columns `[C1, ..., C7]` (`vit_spine.VERTEBRAE`). The model's 14
-  outputs are fracture C1..C7 then visible C1..C7; pooling takes the first 7 (and optionally the last 7
-  as visibility weights).
+  (`schema.STUDY_TARGETS`).
 
 Calibration is fitted on validation studies. The score we report is cross-fitted (every study is
 calibrated by a calibrator that never saw its labels); the calibrator saved with a checkpoint is
@@ -23,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_spine import STUDY_TARGETS, VERTEBRAE
+from vit_spine.schema import STUDY_TARGETS, VERTEBRAE
 
 N_TARGETS = len(STUDY_TARGETS)  # 8
 N_VERTEBRAE = len(VERTEBRAE)  # 7
@@ -34,8 +31,6 @@ POSITIVE_WEIGHTS = np.array([14.0] + [2.0] * N_VERTEBRAE)
 METRIC_EPS = 1e-15  # the competition clips p to [1e-15, 1 - 1e-15]
 CALIBRATED_EPS = 1e-6  # calibrated outputs stay in [1e-6, 1 - 1e-6]: a confident miss costs at most 13.8
 
-SLICE_POOLS = ("max", "mean", "topk_mean")
-PATIENT_POOLS = ("max", "noisy_or")
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -116,26 +111,13 @@ def weighted_log_loss(y_true: Any, y_prob: Any) -> float:
 
 
 def prevalence(y: Any) -> np.ndarray:
-    """(8,) per-target mean of a label matrix (n_studies, 8) `[patient_overall, C1..C7]`."""
+    """(8,) per-target mean of a label matrix (n_studies, 8) `[patient_overall, C1..C7]`: the constant
+    prediction any model must beat (the baseline of every metrics row; the metric clips a 0 or a 1)."""
     labels = _as_matrix(y, "y", N_TARGETS, STUDY_TARGETS)
     if len(labels) == 0:
         raise ValueError("y holds no study: the prevalence is undefined")
     _check_binary(labels, "y")
     return labels.mean(axis=0)
-
-
-def prevalence_baseline(y_train: Any, n_studies: int) -> np.ndarray:
-    """The constant prediction any model must beat: `prevalence(y_train)` repeated for n_studies rows, (n, 8).
-
-    A target with no positive (or no negative) in y_train predicts 0 (or 1); the metric then clips it.
-    """
-    return np.tile(prevalence(y_train), (int(n_studies), 1))
-
-
-def prevalence_baseline_loss(y_train: Any, y_eval: Any) -> float:
-    """Weighted log loss on y_eval of the constant prediction `prevalence(y_train)` (both (n, 8))."""
-    labels = _as_matrix(y_eval, "y_eval", N_TARGETS, STUDY_TARGETS)
-    return weighted_log_loss(labels, prevalence_baseline(y_train, len(labels)))
 
 
 def per_vertebra_auc(y_true: Any, y_prob: Any) -> dict[str, float]:
@@ -151,105 +133,6 @@ def per_vertebra_auc(y_true: Any, y_prob: Any) -> dict[str, float]:
         one_class = len(np.unique(labels[:, j])) < 2
         aucs[target] = float("nan") if one_class else float(roc_auc_score(labels[:, j], probs[:, j]))
     return aucs
-
-
-# -------------------------------------------------------------------------------------------- pooling
-
-
-def _group_by_first_appearance(study_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(uids in order of first appearance, (n,) index of each row's uid in uids)."""
-    unique, first, inverse = np.unique(study_ids, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return unique[order], rank[inverse.reshape(-1)]
-
-
-def pool_slices_to_studies(
-    study_ids: Any,
-    slice_probs: Any,
-    how: str = "max",
-    *,
-    k: int = 5,
-    visible_probs: Any | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pool slice fracture probabilities to one probability per study and vertebra.
-
-    study_ids: (n,) the study of each slice, in any order (slices of a study need not be adjacent).
-    slice_probs: (n, 7) fracture probabilities, columns [C1..C7] (the model's first 7 outputs).
-    how: "max" (the competition-standard max over a study's slices), "mean", or "topk_mean"
-        (mean of the k highest slice scores per vertebra; all slices when a study has fewer than k).
-    visible_probs: optional (n, 7) visibility probabilities [C1..C7] (the model's last 7 outputs).
-        When given, a slice scores p_fracture_v * p_visible_v for vertebra v, so a fracture score on a
-        slice where the vertebra is not seen counts less. Off by default: the fracture targets are
-        already zero where a vertebra is not visible, so the fracture head has learned it.
-
-    Returns (uids (m,), vertebra_probs (m, 7) [C1..C7]); uids in order of first appearance in
-    study_ids (deterministic; for shards, which are grouped by study, that is the shard's order).
-    """
-    ids = np.asarray(study_ids)
-    if ids.ndim != 1:
-        raise ValueError(f"study_ids: expected a 1-d array, got shape {ids.shape}")
-    scores = _as_matrix(slice_probs, "slice_probs", N_VERTEBRAE, VERTEBRAE)
-    _check_probabilities(scores, "slice_probs")
-    if len(ids) != len(scores):
-        raise ValueError(f"study_ids has {len(ids)} entries but slice_probs has {len(scores)} rows")
-    if visible_probs is not None:
-        visible = _as_matrix(visible_probs, "visible_probs", N_VERTEBRAE, VERTEBRAE)
-        _check_probabilities(visible, "visible_probs")
-        if visible.shape != scores.shape:
-            raise ValueError(f"visible_probs has shape {visible.shape} but slice_probs {scores.shape}")
-        scores = scores * visible
-    if how not in SLICE_POOLS:
-        raise ValueError(f"how={how!r}: choose one of {', '.join(SLICE_POOLS)}")
-    if how == "topk_mean" and k < 1:
-        raise ValueError(f"k={k}: topk_mean needs k >= 1")
-    if len(ids) == 0:
-        return ids, np.zeros((0, N_VERTEBRAE))
-
-    uids, codes = _group_by_first_appearance(ids)
-    order = np.argsort(codes, kind="stable")
-    grouped = scores[order]
-    counts = np.bincount(codes, minlength=len(uids))
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    if how == "max":
-        pooled = np.maximum.reduceat(grouped, starts, axis=0)
-    elif how == "mean":
-        pooled = np.add.reduceat(grouped, starts, axis=0) / counts[:, None]
-    else:
-        pooled = np.stack(
-            [np.sort(grouped[s : s + c], axis=0)[-k:].mean(axis=0) for s, c in zip(starts, counts)]
-        )
-    return uids, pooled
-
-
-def vertebra_to_patient(vertebra_probs: Any, how: str = "max") -> np.ndarray:
-    """(m, 7) vertebra probabilities [C1..C7] -> (m,) patient_overall probabilities.
-
-    how: "max" (a patient is as likely fractured as its most likely vertebra) or "noisy_or"
-    (1 - prod_v (1 - p_v): vertebrae treated as independent).
-    """
-    probs = _as_matrix(vertebra_probs, "vertebra_probs", N_VERTEBRAE, VERTEBRAE)
-    _check_probabilities(probs, "vertebra_probs")
-    if how == "max":
-        return probs.max(axis=1, initial=0.0)
-    if how == "noisy_or":
-        return 1.0 - np.prod(1.0 - probs, axis=1)
-    raise ValueError(f"how={how!r}: choose one of {', '.join(PATIENT_POOLS)}")
-
-
-def study_matrix(uids: Any, vertebra_probs: Any, patient_probs: Any) -> np.ndarray:
-    """(m, 8) study probabilities [patient_overall, C1..C7] from (m, 7) vertebra and (m,) patient probabilities.
-
-    `uids` (m,) only checks that the rows line up.
-    """
-    vertebra = _as_matrix(vertebra_probs, "vertebra_probs", N_VERTEBRAE, VERTEBRAE)
-    patient = np.asarray(patient_probs, dtype=np.float64)
-    if patient.shape != (len(vertebra),):
-        raise ValueError(f"patient_probs: expected shape ({len(vertebra)},), got {patient.shape}")
-    if len(uids) != len(vertebra):
-        raise ValueError(f"uids has {len(uids)} entries but vertebra_probs has {len(vertebra)} rows")
-    return np.column_stack([patient, vertebra])
 
 
 # -------------------------------------------------------------------------------------- calibration

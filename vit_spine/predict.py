@@ -1,15 +1,15 @@
-"""`vit-spine predict CHECKPOINT PATH... --out submission.csv`: score new CT studies, write a Kaggle submission.
+"""`vit-spine predict CHECKPOINT PATH... --output_file submission.csv`: score new CT studies, write a Kaggle submission.
 
 Each PATH is one study (a folder holding DICOM files directly) or a folder of studies (`test_images/`):
 there, each folder is one study, named by the folder (the Kaggle convention), whatever lies inside it
 (nested series folders, extension-less or UID-named files). Studies stream one at a time: the study
 assembly (`vit_spine.study`: one axial CT series, ordered along the slice normal) -> preprocess with
-the options stored in the checkpoint -> batched forward passes (bf16 autocast on CUDA) -> slice ->
-vertebra -> patient pooling and the checkpoint's calibrator, exactly as evaluation scores the
-validation shard. Memory stays bounded by one study (by workers + 1 studies with `--workers N`, which
+the options stored in the checkpoint -> the forward passes of `vit_spine.inference` -> the checkpoint's
+aggregator (`vit_spine.aggregate`) and calibrator: the same code evaluation scores the validation shard
+with. Memory stays bounded by one study (by workers + 1 studies with `--workers N`, which
 decode ahead in other processes).
 
-A submission is never lost: every study found, or listed by `--studies`, gets its 8 rows. A slice that
+A submission is never lost: every study found, or listed by `--studies_csv`, gets its 8 rows. A slice that
 cannot be decoded is skipped and its study still predicted; a study that cannot be used at all (no
 axial CT series, nothing decodable, no folder) gets the checkpoint's prior (the training prevalence)
 and is listed with its reason. Everything skipped or left out is written to `<out>.problems.csv`
@@ -33,7 +33,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from vit_spine import STUDY_TARGETS, VERTEBRAE
+from vit_spine import options
+from vit_spine.artifacts import read_checkpoint_meta, resolve_checkpoint, verify_checkpoint
+from vit_spine.options import aliases, parse_config
+from vit_spine.schema import STUDY_TARGETS
 
 # Output probabilities are clipped to [EPS, 1 - EPS]: strictly inside (0, 1) as Kaggle requires, and
 # a confidently wrong study costs at most -log(EPS) = 13.8 instead of the metric's 34.5.
@@ -46,7 +49,8 @@ PROBLEM_COLUMNS = ("StudyInstanceUID", "level", "path", "frame", "reason")
 @dataclass
 class PredictConfig:
     checkpoint: str = field(
-        metadata={"help": "a training run folder (its `best` checkpoint is used) or one shard's checkpoint folder."}
+        metadata={"help": "a training run folder (its `best` checkpoint is used) or one shard's checkpoint folder.",
+                  "aliases": aliases("model_name_or_path")}
     )
     paths: list[str] = field(
         metadata={
@@ -54,16 +58,18 @@ class PredictConfig:
             "a study's StudyInstanceUID is its folder name."
         }
     )
-    out: str = field(
+    output_file: str = field(
         default="submission.csv",
-        metadata={"help": "submission CSV to write (row_id,fractured); OUT.problems.csv beside it lists every study "
-                  "that got the prior, every slice skipped and every file left out, with its reason."},
+        metadata={"help": "submission CSV to write (row_id,fractured); NAME.problems.csv beside it lists every study "
+                  "that got the prior, every slice skipped and every file left out, with its reason.",
+                  "aliases": aliases("out")},
     )
-    studies: str | None = field(
+    studies_csv: str | None = field(
         default=None,
         metadata={
             "help": "Kaggle test.csv (row_id,StudyInstanceUID,prediction_type): write exactly its rows, in its order, "
-            "and predict only the studies it lists."
+            "and predict only the studies it lists.",
+            "aliases": aliases("studies"),
         },
     )
     slices_out: str | None = field(
@@ -89,7 +95,6 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if not self.paths:
             raise ValueError("give at least one PATH (a study folder or a folder of study folders)")
-        from vit_spine import options
 
         self.workers = options.capped_workers(self.workers, minimum=0)
         if self.batch_size < 1:
@@ -100,16 +105,16 @@ class PredictConfig:
         options.folder_path(self.checkpoint, "CHECKPOINT")
         for path in self.paths:
             options.folder_path(path, "PATH")
-        options.file_path(self.out, "--out")
-        options.file_path(str(problems_path(Path(self.out))), "--out (its problems file)")
+        options.file_path(self.output_file, "--output_file")
+        options.file_path(str(problems_path(Path(self.output_file))), "--output_file (its problems file)")
         options.file_path(self.slices_out, "--slices_out")
-        options.file_path(self.studies, "--studies")
+        options.file_path(self.studies_csv, "--studies_csv")
 
 
 @dataclass
 class StudyFolder:
     uid: str
-    path: Path | None  # None: listed in --studies but found under no PATH
+    path: Path | None  # None: listed in --studies_csv but found under no PATH
 
 
 @dataclass
@@ -125,36 +130,20 @@ class Predictor:
     prior: np.ndarray  # (8,) the training prevalence: what a study that cannot be read is given
 
     def slice_probabilities(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-        """uint8 (n, 3, S, S) -> sigmoid probabilities float64 (n, 14), fracture C1..C7 then visible C1..C7."""
-        import torch
+        """uint8 (n, 3, S, S) of one study -> sigmoid probabilities float64 (n, 14), fracture C1..C7 then visible C1..C7."""
+        from vit_spine.inference import predict_probabilities
 
-        from vit_spine.data import normalize
-
-        logits = []
-        on_cuda = self.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on_cuda):
-            for start in range(0, len(pixels), batch_size):
-                batch = torch.from_numpy(pixels[start : start + batch_size]).to(self.device, non_blocking=True)
-                logits.append(self.model(pixel_values=normalize(batch)).logits.float().cpu().numpy())
-        # the same float64 sigmoid evaluation applies to the Trainer's logits
-        return 1.0 / (1.0 + np.exp(-np.concatenate(logits).astype(np.float64)))
+        return predict_probabilities(self.model, pixels, batch_size)
 
     def study_probabilities(self, uid: str, slice_probs: np.ndarray) -> np.ndarray:
-        """(n, 14) slice probabilities of one study -> (8,) [patient_overall, C1..C7], pooled and calibrated."""
-        return pool_and_calibrate(np.full(len(slice_probs), uid, dtype=object), slice_probs, self.pooling, self.calibrator)[1][0]
+        """(n, 14) slice probabilities of one study -> (8,) [patient_overall, C1..C7]: the checkpoint's aggregator
+        (as evaluation pools), then its calibrator (when there is one) and the clip to [EPS, 1 - EPS]."""
+        from vit_spine.aggregate import aggregate_studies, make_aggregator
 
-
-def pool_and_calibrate(study_ids: np.ndarray, slice_probs: np.ndarray, pooling, calibrator) -> tuple[np.ndarray, np.ndarray]:
-    """Slice probabilities (n, 14) -> (uids (m,), study probabilities (m, 8)), the way evaluation pools them,
-    then the stored calibrator (when there is one) and the clip to [EPS, 1 - EPS]."""
-    from vit_spine import metrics
-
-    uids, vertebra = metrics.pool_slices_to_studies(study_ids, slice_probs[:, : len(VERTEBRAE)], how=pooling.slice_pool)
-    patient = metrics.vertebra_to_patient(vertebra, how=pooling.patient_pool)
-    probs = metrics.study_matrix(uids, vertebra, patient)
-    if calibrator is not None:
-        probs = calibrator.transform(probs)
-    return np.asarray(uids), np.clip(np.asarray(probs, dtype=np.float64), EPS, 1.0 - EPS)
+        _, probs = aggregate_studies(make_aggregator(self.pooling), np.full(len(slice_probs), uid, dtype=object), slice_probs)
+        if self.calibrator is not None:
+            probs = self.calibrator.transform(probs)
+        return np.clip(np.asarray(probs, dtype=np.float64), EPS, 1.0 - EPS)[0]
 
 
 def pick_device(name: str = "auto"):
@@ -171,8 +160,9 @@ def pick_device(name: str = "auto"):
 def load_predictor(checkpoint: str | Path, device: str = "auto") -> Predictor:
     """Load a checkpoint (or a run folder's `best`) with its preprocessing, pooling and calibration."""
     from vit_spine import metrics
-    from vit_spine.evaluation import PoolingConfig, read_checkpoint_meta, resolve_checkpoint, verify_checkpoint
-    from vit_spine.model import load_model
+    from vit_spine.aggregate import make_aggregator
+    from vit_spine.evaluation import PoolingConfig
+    from vit_spine.models import load_model
     from vit_spine.preprocess import PreprocessConfig
 
     path = resolve_checkpoint(checkpoint)
@@ -182,6 +172,7 @@ def load_predictor(checkpoint: str | Path, device: str = "auto") -> Predictor:
         raise ValueError(f"{path}: vit_spine.json has no `preprocess` entry; cannot know how to render slices")
     preprocess = PreprocessConfig.from_dict(meta["preprocess"])
     pooling = PoolingConfig(**meta.get("pooling", {}))
+    make_aggregator(pooling)  # an aggregator this install does not know fails here, before any study is read
     calibrator = metrics.Calibrator.from_dict(meta["calibration"]) if meta.get("calibration") else None
     torch_device = pick_device(device)
     model = load_model(path).to(torch_device).eval()
@@ -285,7 +276,7 @@ def _decode_study(folder: StudyFolder, preprocess, start: float) -> DecodedStudy
     from vit_spine.study import SliceRef, assemble_folder, slice_number
 
     if folder.path is None:
-        return _unusable(folder.uid, preprocess, "listed in --studies, but no folder of this name under the given path(s)", start)
+        return _unusable(folder.uid, preprocess, "listed in --studies_csv, but no folder of this name under the given path(s)", start)
     assembly = assemble_folder(folder.path)
     left_out = [(item.path, item.frame or 0, item.reason) for item in assembly.left_out]
     rendered, problems = render_volume([SliceRef.of(h) for h in assembly.slices], preprocess)
@@ -348,7 +339,7 @@ class StudyPrediction:
 
 def predict_decoded(predictor: Predictor, study: DecodedStudy, batch_size: int) -> StudyPrediction:
     """The model's study probabilities, or the prior when the study could not be read."""
-    from vit_spine.model import LABEL_NAMES
+    from vit_spine.schema import SLICE_TARGETS
 
     if study.error:
         return StudyPrediction(study.uid, predictor.prior.copy(), pd.DataFrame(), 0.0, study.error)
@@ -362,7 +353,7 @@ def predict_decoded(predictor: Predictor, study: DecodedStudy, batch_size: int) 
             "z": study.zs,
         }
     )
-    slices = pd.concat([slices, pd.DataFrame(probs, columns=list(LABEL_NAMES))], axis=1)
+    slices = pd.concat([slices, pd.DataFrame(probs, columns=list(SLICE_TARGETS))], axis=1)
     return StudyPrediction(study.uid, predictor.study_probabilities(study.uid, probs), slices, seconds)
 
 
@@ -372,7 +363,7 @@ class Predictions:
     slices: pd.DataFrame  # StudyInstanceUID, slice_number, z, fracture_C1..C7, visible_C1..C7
     problems: pd.DataFrame  # PROBLEM_COLUMNS: studies given the prior, slices skipped, files left out
     fallbacks: list[tuple[str, str]]  # (uid, reason) of the studies that got the prior
-    unlisted: list[str]  # studies found under the paths but not asked for by --studies, so not predicted
+    unlisted: list[str]  # studies found under the paths but not asked for by --studies_csv, so not predicted
     checkpoint: Path
     num_studies: int
     num_slices: int
@@ -497,8 +488,6 @@ def problem_summary(result: Predictions, shown: int = 20) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vit_spine.cli import parse_config
-
     (config,) = parse_config(
         PredictConfig,
         argv,
@@ -509,13 +498,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = predict_studies(
         config.checkpoint,
         config.paths,
-        studies=config.studies,
+        studies=config.studies_csv,
         batch_size=config.batch_size,
         device=config.device,
         workers=config.workers,
         progress=config.progress,
     )
-    out = Path(config.out)
+    out = Path(config.output_file)
     write_table(result.problems, problems_path(out))
     print(f"checkpoint {result.checkpoint}")
     print(f"{result.num_studies} studies, {result.num_slices} slices in {result.wall_seconds:.1f} s")
@@ -532,5 +521,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_table(result.slices, Path(config.slices_out))
         print(f"slice scores: {config.slices_out}")
     if result.unlisted:
-        print(f"{len(result.unlisted)} study folder(s) not listed in {config.studies} were not predicted")
+        print(f"{len(result.unlisted)} study folder(s) not listed in {config.studies_csv} were not predicted")
     return EXIT_FALLBACKS if result.fallbacks else 0

@@ -12,11 +12,8 @@ scale follows each study's reconstruction (0.3 to 1 mm per pixel on real scanner
 is `image_size x pixel_spacing` mm around the slice centre, the same anatomy at the same size in every
 study.
 
-Channel schemes (always 3 channels, so ImageNet-pretrained weights apply):
-- "bone25d" (default): the slice below, the slice itself and the slice above (z ascending), each in the
-  bone window. Fractures are thin cortical breaks seen only in a bone window, and a break continues
-  from slice to slice while noise does not, so neighbours give the model z-context for free.
-- "windows": one slice in three windows (bone, soft tissue, wide).
+What a resized slice becomes, and how the model's 3 channels are made from it, is the channel scheme
+`channels` names (`vit_spine.channels`: "bone25d", the default, "windows", or any registered one).
 """
 
 from __future__ import annotations
@@ -24,21 +21,31 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
-CHANNEL_SCHEMES = ("bone25d", "windows")
+from vit_spine.channels import (
+    ChannelScheme,
+    Layout,
+    MODEL_CHANNELS,
+    array_reader,
+    assemble,
+    channel_scheme,
+    copy_plan,
+    parse_windows,
+    scheme_names,
+)
 
 
 @dataclass
 class PreprocessConfig:
     image_size: int = field(default=224, metadata={"help": "side of the square images stored in the shards (px)."})
-    channels: Literal["bone25d", "windows"] = field(
+    channels: str = field(
         default="bone25d",
         metadata={
-            "help": "channel scheme: 'bone25d' = slices z-1, z, z+1 in the bone window (default); "
-            "'windows' = one slice in the three --windows."
+            "help": "channel scheme, a name in the vit_spine.channels registry; built in: "
+            + "; ".join(f"'{name}' = {channel_scheme(name).description}" for name in scheme_names())
+            + "."
         },
     )
     bone_window: str = field(
@@ -72,8 +79,7 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if self.image_size < 8:
             raise ValueError(f"--image_size must be at least 8, got {self.image_size}")
-        if self.channels not in CHANNEL_SCHEMES:
-            raise ValueError(f"--channels must be one of {', '.join(CHANNEL_SCHEMES)}, got {self.channels!r}")
+        channel_scheme(self.channels)  # an unknown name: one line listing the known ones
         if not 0.0 < self.crop <= 1.0:
             raise ValueError(f"--crop must be in (0, 1], got {self.crop}")
         if self.pixel_spacing is not None:
@@ -89,11 +95,17 @@ class PreprocessConfig:
         if len(parse_windows(self.windows, "--windows")) != 3:
             raise ValueError(f"--windows takes three CENTER:WIDTH separated by commas, got {self.windows!r}")
 
-    def window_list(self) -> list[tuple[float, float]]:
-        """The (center, width) windows each slice is rendered in: 1 for 'bone25d', 3 for 'windows'."""
-        if self.channels == "bone25d":
-            return parse_windows(self.bone_window, "--bone_window")
-        return parse_windows(self.windows, "--windows")
+    @property
+    def scheme(self) -> ChannelScheme:
+        return channel_scheme(self.channels)
+
+    def stored_channels(self) -> int:
+        """Channels a shard stores per slice: what `render_slice` returns (1 for 'bone25d', 3 for 'windows')."""
+        return self.scheme.stored_channels(self)
+
+    def channel_layout(self) -> Layout:
+        """How the model's 3 channels are assembled from the stored ones (`vit_spine.channels`)."""
+        return self.scheme.layout(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,20 +117,6 @@ class PreprocessConfig:
         if unknown:
             raise ValueError(f"unknown preprocessing option(s) {unknown}; written by a newer vit-spine?")
         return cls(**values)
-
-
-def parse_windows(spec: str, name: str) -> list[tuple[float, float]]:
-    """'400:1800,40:400' -> [(400.0, 1800.0), (40.0, 400.0)]."""
-    windows = []
-    for part in spec.split(","):
-        try:
-            center, width = (float(v) for v in part.split(":"))
-        except ValueError:
-            raise ValueError(f"{name}: {part!r} is not CENTER:WIDTH (numbers in HU)") from None
-        if width <= 0:
-            raise ValueError(f"{name}: window width must be positive, got {part!r}")
-        windows.append((center, width))
-    return windows
 
 
 def resize_hu(hu: np.ndarray, size: int) -> np.ndarray:
@@ -163,14 +161,6 @@ def resampling_matrix(n_in: int, n_out: int):
     )
 
 
-def apply_window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
-    """HU -> uint8: center - width/2 maps to 0, center + width/2 to 255, rounded half up, clipped."""
-    scaled = (hu - (center - width / 2)) * (255.0 / width)
-    np.clip(scaled, 0.0, 255.0, out=scaled)
-    scaled += 0.5
-    return scaled.astype(np.uint8)
-
-
 AIR_HU = -1000.0  # what padding adds around a slice
 
 
@@ -213,16 +203,18 @@ def centered(image: np.ndarray, rows: int, cols: int, fill: float = AIR_HU) -> n
 
 
 def render_slice(hu: np.ndarray, config: PreprocessConfig, spacing: tuple[float, float] | None = None) -> np.ndarray:
-    """One HU slice -> uint8 (k, S, S): k = 1 window for 'bone25d', 3 for 'windows'.
+    """One HU slice -> uint8 (k, S, S), what the channel scheme stores: k = 1 window for 'bone25d', 3 for 'windows'.
 
     `spacing`: the slice's (row, column) pixel spacing in mm, needed with `config.pixel_spacing`.
     """
     window = centered(hu, *field_of_view(hu.shape, config, spacing))
     small = resize_hu(window, config.image_size)
-    windows = config.window_list()
-    if len(windows) == 1:
-        return apply_window(small, *windows[0])[None]
-    return np.stack([apply_window(small, c, w) for c, w in windows])
+    rendered = config.scheme.render(small, config)
+    want = (config.stored_channels(), config.image_size, config.image_size)
+    if rendered.shape != want or rendered.dtype != np.uint8:  # a registered scheme's bug, named here
+        raise TypeError(f"channel scheme {config.channels!r} rendered {rendered.dtype} {rendered.shape}; "
+                        f"its layout needs uint8 {want}")
+    return rendered
 
 
 def render_volume(refs, config: PreprocessConfig) -> tuple[list[np.ndarray | None], list[tuple[str, int, str]]]:
@@ -249,23 +241,19 @@ def render_volume(refs, config: PreprocessConfig) -> tuple[list[np.ndarray | Non
 
 
 def stack_channels(rendered: list[np.ndarray], config: PreprocessConfig, out: np.ndarray | None = None) -> np.ndarray:
-    """Rendered slices of one study (z ascending) -> uint8 (n, 3, S, S), written into `out[:n]` when given."""
+    """Rendered slices of one study (volume order) -> the model's uint8 (n, 3, S, S), assembled by the channel
+    scheme exactly as `data.ShardDataset` does from a shard; written into `out[:n]` when given."""
     n, size = len(rendered), config.image_size
+    shape = (MODEL_CHANNELS, size, size)
     if out is None:
-        out = np.empty((n, 3, size, size), np.uint8)
-    elif out.shape[0] < n or out.shape[1:] != (3, size, size) or out.dtype != np.uint8:
+        out = np.empty((n, *shape), np.uint8)
+    elif out.shape[0] < n or out.shape[1:] != shape or out.dtype != np.uint8:
         raise ValueError(f"out has shape {out.shape} {out.dtype}; need at least ({n}, 3, {size}, {size}) uint8")
     out = out[:n]
-    if config.channels == "windows":
-        for i, image in enumerate(rendered):
-            out[i] = image
+    if n == 0:
         return out
-    offset = config.neighbor_offset
-    for i in range(n):
-        out[i, 0] = rendered[max(i - offset, 0)][0]
-        out[i, 1] = rendered[i][0]
-        out[i, 2] = rendered[min(i + offset, n - 1)][0]
-    return out
+    plan = copy_plan(config.channel_layout(), np.zeros(n, np.int64))  # one study
+    return assemble(plan, np.arange(n), array_reader(np.stack(rendered)), out)
 
 
 def preprocess_study(

@@ -17,7 +17,8 @@ Figures (pixel sizes are fixed; matplotlib Agg, 100 dpi):
   weights to roll out; gradients need none).
 
 The validation predictions come from running the run's best checkpoint over the validation shard(s)
-of the chunks it was trained on, scored by `vit_spine.evaluation.score_predictions` as in training.
+of the chunks it was trained on, through `vit_spine.evaluation.score_checkpoint`, as `evaluate` scores them
+(the same inference path, pooling, baseline and calibration-fold seed as training).
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from vit_spine import STUDY_TARGETS, VERTEBRAE  # noqa: E402
+from vit_spine import options  # noqa: E402
+from vit_spine.artifacts import RunDir, best_row, default_chunks, read_checkpoint_meta, resolve_checkpoint  # noqa: E402
+from vit_spine.fs import FolderLock  # noqa: E402
+from vit_spine.schema import FRACTURES, STUDY_TARGETS, TRAINER_STATE_FILE, VERTEBRAE, VISIBLE  # noqa: E402
+from vit_spine.options import aliases, parse_config  # noqa: E402
 
 DPI = 100
 SIZES = {  # (width, height) in pixels
@@ -58,36 +62,49 @@ class ReportConfig:
         default=None,
         metadata={"help": "chunks folder whose validation shard(s) to predict (default: the run's, from run_config.json)."},
     )
-    out: str | None = field(default=None, metadata={"help": "folder for the figures and index.html (default RUN_DIR/report)."})
-    studies: int = field(default=4, metadata={"help": "validation studies to draw slice-score profiles for."})
-    saliency_slices: int = field(default=4, metadata={"help": "top-scoring validation slices to draw gradient maps for."})
-    smoothgrad_samples: int = field(default=8, metadata={"help": "noisy copies averaged per gradient map (SmoothGrad)."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "folder for the figures and index.html (default RUN_DIR/report).", "aliases": aliases("out")},
+    )
+    num_studies: int = field(
+        default=4, metadata={"help": "validation studies to draw slice-score profiles for.", "aliases": aliases("studies")}
+    )
+    num_saliency_slices: int = field(
+        default=4,
+        metadata={"help": "top-scoring validation slices to draw gradient maps for.", "aliases": aliases("saliency_slices")},
+    )
+    num_smoothgrad_samples: int = field(
+        default=8,
+        metadata={"help": "noisy copies averaged per gradient map (SmoothGrad).", "aliases": aliases("smoothgrad_samples")},
+    )
     batch_size: int = field(default=64, metadata={"help": "slices per forward pass when predicting the validation shard(s)."})
-    seed: int = field(default=42, metadata={"help": "seed of the cross-fitted calibration folds and of SmoothGrad noise."})
+    seed: int | None = field(
+        default=None,
+        metadata={"help": "seed of the cross-fitted calibration folds and of SmoothGrad noise (default: the training "
+                  "run's --seed, so the re-score draws the run's own folds)."},
+    )
     device: str = field(default="auto", metadata={"help": "torch device: auto (cuda when available), cpu, cuda ..."})
 
     def __post_init__(self) -> None:
-        if self.studies < 0 or self.saliency_slices < 0:
-            raise ValueError("--studies and --saliency_slices must be >= 0")
-        if self.smoothgrad_samples < 1 or self.batch_size < 1:
-            raise ValueError("--smoothgrad_samples and --batch_size must be >= 1")
-        from vit_spine import options
+        if self.num_studies < 0 or self.num_saliency_slices < 0:
+            raise ValueError("--num_studies and --num_saliency_slices must be >= 0")
+        if self.num_smoothgrad_samples < 1 or self.batch_size < 1:
+            raise ValueError("--num_smoothgrad_samples and --batch_size must be >= 1")
 
         options.device(self.device)
         options.folder_path(self.run_dir, "RUN_DIR")
         options.folder_path(self.chunks, "--chunks")
-        options.folder_path(self.out, "--out")
+        options.folder_path(self.output_dir, "--output_dir")
 
 
 # ---------------------------------------------------------------- run files
 
 
 def read_run_metrics(run_dir: Path) -> list[dict]:
-    from vit_spine.evaluation import read_metrics
-
-    rows = read_metrics(run_dir)
+    run = RunDir(run_dir)
+    rows = run.read_rows()
     if not rows:
-        raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'}: missing or empty; is {run_dir} a `vit-spine train` run folder?")
+        raise FileNotFoundError(f"{run.metrics_path}: missing or empty; is {run_dir} a `vit-spine train` run folder?")
     return sorted(rows, key=lambda row: row["shard"])
 
 
@@ -101,11 +118,9 @@ class LossCurve:
 def training_loss_curves(run_dir: Path, rows: list[dict]) -> tuple[list[LossCurve], list[str]]:
     """Per shard: logged training losses at global steps (the shard's start + its own step). Also notes on
     shards whose trainer_state.json is missing or holds no loss."""
-    from vit_spine.train import shard_dir
-
     curves, notes = [], []
     for row in rows:
-        path = shard_dir(run_dir, row["shard"]) / "trainer_state.json"
+        path = RunDir(run_dir).shard(row["shard"]) / TRAINER_STATE_FILE
         if not path.is_file():
             notes.append(f"shard {row['shard']}: no {path.name}")
             continue
@@ -144,45 +159,24 @@ class ValidationPredictions:
 
 
 def predict_validation(predictor, chunks: Path, batch_size: int, seed: int) -> ValidationPredictions:
-    """Predict the validation shard(s) of `chunks` with a loaded checkpoint and score them as training does."""
-    from vit_spine import chunk as chunking
-    from vit_spine.data import ShardDataset
-    from vit_spine.evaluation import ValidationSet, score_predictions, train_prevalence
+    """Predict the validation shard(s) of `chunks` with a loaded checkpoint and score them as evaluate does
+    (`evaluation.score_checkpoint`: the one inference path, the checkpoint's pooling and baseline), with
+    `seed` for the calibration folds."""
+    from vit_spine.evaluation import matching_manifest, score_checkpoint
 
-    manifest = chunking.load_manifest(chunks)
-    from vit_spine.preprocess import PreprocessConfig
-
-    if PreprocessConfig.from_dict(manifest["preprocess"]) != predictor.preprocess:
-        raise ValueError(f"{chunks} was preprocessed differently from what {predictor.checkpoint} was trained on")
-    shards = [ShardDataset(chunks / entry["path"]) for entry in chunking.val_shards(manifest)]
-    if not shards:
-        raise ValueError(f"{chunks / 'manifest.json'} lists no validation shard")
-    train_sets = [ShardDataset(chunks / entry["path"]) for entry in chunking.train_shards(manifest)]
-    prevalence = train_prevalence(
-        np.concatenate([s.study_labels for s in train_sets]), np.concatenate([s.study_ids for s in train_sets])
-    )
-    validation = ValidationSet(
-        study_ids=np.concatenate([s.study_ids for s in shards]),
-        study_labels=np.concatenate([s.study_labels for s in shards]),
-    )
-    # the same forward pass `vit-spine predict` runs, on the stored uint8 pixels
-    probs = np.concatenate(
-        [
-            predictor.slice_probabilities(shard.read_uint8(np.arange(start, min(start + batch_size, len(shard)))), batch_size)
-            for shard in shards
-            for start in tqdm(range(0, len(shard), batch_size), desc=f"predicting {shard.path.name}", unit="batch")
-        ]
-    )
-    scores, _, studies = score_predictions(probs, validation, prevalence, predictor.pooling, seed=seed)
+    meta = read_checkpoint_meta(predictor.checkpoint)
+    manifest = matching_manifest(chunks, predictor.checkpoint, meta)
+    scored = score_checkpoint(predictor.model, predictor.checkpoint, meta, chunks, manifest, batch_size, seed)
+    validation = scored.validation
     return ValidationPredictions(
-        slice_probs=probs,
+        slice_probs=scored.slice_probs,
         study_ids=validation.study_ids,
-        zs=np.concatenate([s.zs for s in shards]).astype(float),
-        slice_numbers=np.concatenate([s.slice_numbers for s in shards]),
-        slice_labels=np.concatenate([s.labels for s in shards]),
-        shards=shards,
-        scores=scores,
-        studies=studies,
+        zs=validation.column("zs").astype(float),
+        slice_numbers=validation.column("slice_numbers"),
+        slice_labels=validation.column("labels"),
+        shards=validation.shards,
+        scores=scored.row,
+        studies=scored.studies,
     )
 
 
@@ -200,13 +194,12 @@ def save(fig, path: Path) -> Path:
     return path
 
 
-def plot_shard_scores(rows: list[dict], path: Path) -> Path:
+def plot_shard_scores(rows: list[dict], best: dict, path: Path) -> Path:
     fig, (ax_loss, ax_auc) = new_figure("shard_scores", ncols=2)
     shards = [row["shard"] for row in rows]
     ax_loss.plot(shards, [r["weighted_log_loss"] for r in rows], "o-", color="tab:blue", label="model, calibrated (cross-fitted)")
     ax_loss.plot(shards, [r["weighted_log_loss_uncalibrated"] for r in rows], "s--", color="tab:cyan", label="model, raw")
     ax_loss.plot(shards, [r["baseline_weighted_log_loss"] for r in rows], "k:", lw=2, label="constant prevalence baseline")
-    best = min(rows, key=lambda r: r["weighted_log_loss"])
     ax_loss.plot([best["shard"]], [best["weighted_log_loss"]], "*", color="tab:red", ms=16, label=f"best (shard {best['shard']})")
     ax_loss.set(title="Validation weighted log loss (lower is better)", xlabel="shard", ylabel="weighted log loss")
     ax_loss.legend(fontsize=9)
@@ -325,8 +318,8 @@ def plot_profile(predictions: ValidationPredictions, study_index: int, path: Pat
     rows = np.nonzero(predictions.study_ids == uid)[0]
     rows = rows[np.argsort(predictions.zs[rows], kind="stable")]
     z = predictions.zs[rows]
-    fracture = predictions.slice_probs[rows, : len(VERTEBRAE)]
-    visible = predictions.slice_probs[rows, len(VERTEBRAE) :]
+    fracture = predictions.slice_probs[rows, FRACTURES]
+    visible = predictions.slice_probs[rows, VISIBLE]
     fig, (ax, ax_vis) = new_figure("profile", nrows=2, sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
     fractured = [v for j, v in enumerate(VERTEBRAE) if truth[j + 1] == 1]
     top = min(1.02, max(0.1, 1.1 * float(fracture.max())))  # zoom in on weak models, never hide 0
@@ -380,7 +373,7 @@ def smoothgrad(model, pixels: np.ndarray, output: int, samples: int, seed: int) 
 
 def top_slices(predictions: ValidationPredictions, count: int) -> list[tuple[int, int]]:
     """(slice index, vertebra index) of the `count` highest fracture probabilities, one slice per row."""
-    fracture = predictions.slice_probs[:, : len(VERTEBRAE)]
+    fracture = predictions.slice_probs[:, FRACTURES]
     best_vertebra = fracture.argmax(axis=1)
     order = np.argsort(-fracture.max(axis=1), kind="stable")[:count]
     return [(int(i), int(best_vertebra[i])) for i in order]
@@ -427,29 +420,10 @@ class Figure:
     caption: str
 
 
-def metrics_table_html(rows: list[dict]) -> str:
-    header = ["shard", "global step", "train loss", "val wll (calibrated)", "val wll (raw)", "baseline wll", "AUC overall", "mean AUC C1-C7"]
-    lines = ["<table>", "<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>"]
-    for row in rows:
-        auc = row.get("auc", {})
-        vert = [auc[v] for v in VERTEBRAE if auc.get(v) is not None]
-        cells = [
-            row["shard"],
-            row.get("global_step", ""),
-            f"{row['train_loss']:.4f}" if "train_loss" in row else "",
-            f"{row['weighted_log_loss']:.4f}",
-            f"{row['weighted_log_loss_uncalibrated']:.4f}",
-            f"{row['baseline_weighted_log_loss']:.4f}",
-            "n/a" if auc.get("patient_overall") is None else f"{auc['patient_overall']:.3f}",
-            f"{np.mean(vert):.3f}" if vert else "n/a",
-        ]
-        lines.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
-    lines.append("</table>")
-    return "\n".join(lines)
-
-
 def write_index(out: Path, run_dir: Path, checkpoint: Path, rows: list[dict], scores: dict, figures: list[Figure]) -> Path:
-    best = min(rows, key=lambda r: r["weighted_log_loss"])
+    from vit_spine.evaluation import format_table
+
+    best = best_row(rows, RunDir(run_dir).min_delta())
     summary = (
         f"Run <code>{html.escape(str(run_dir))}</code>: {len(rows)} shard(s) trained; best checkpoint "
         f"<code>{html.escape(str(checkpoint))}</code> (shard {best['shard']}): validation weighted log loss "
@@ -470,7 +444,7 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;t
 <h1>vit-spine report: {html.escape(run_dir.name)}</h1>
 <p>{summary}</p>
 <h2>Per shard</h2>
-{metrics_table_html(rows)}
+{format_table(rows, "html", best_shard=best["shard"])}
 <h2>Figures</h2>
 {chr(10).join(sections)}
 </body></html>
@@ -485,10 +459,8 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;t
 
 def build_report(config: ReportConfig) -> tuple[Path, list[Figure]]:
     """Write every figure and index.html; returns (index.html, figures)."""
-    from vit_spine.fs import FolderLock
-
     run_dir = Path(config.run_dir)
-    out = Path(config.out) if config.out else run_dir / "report"
+    out = Path(config.output_dir) if config.output_dir else run_dir / "report"
     rows = read_run_metrics(run_dir)
     with FolderLock(out, "vit-spine report"):  # two reports into one folder would mix their figures
         return _build_report(config, run_dir, out, rows)
@@ -497,7 +469,7 @@ def build_report(config: ReportConfig) -> tuple[Path, list[Figure]]:
 def _build_report(config: ReportConfig, run_dir: Path, out: Path, rows: list[dict]) -> tuple[Path, list[Figure]]:
     import torch
 
-    from vit_spine.evaluation import default_chunks, resolve_checkpoint
+    from vit_spine.evaluation import checkpoint_seed
     from vit_spine.predict import load_predictor
 
     for old in [*out.glob("profile_*.png"), *out.glob("saliency_*.png")]:
@@ -505,30 +477,30 @@ def _build_report(config: ReportConfig, run_dir: Path, out: Path, rows: list[dic
     checkpoint = resolve_checkpoint(run_dir)
     chunks = Path(config.chunks) if config.chunks else default_chunks(checkpoint)
 
-    figures = [Figure(plot_shard_scores(rows, out / "shard_scores.png"), "Validation weighted log loss and AUC per shard against the constant-prevalence baseline.")]
+    best = best_row(rows, RunDir(run_dir).min_delta())  # the shard `best` points at
+    figures = [Figure(plot_shard_scores(rows, best, out / "shard_scores.png"), "Validation weighted log loss and AUC per shard against the constant-prevalence baseline.")]
     curves, notes = training_loss_curves(run_dir, rows)
     figures.append(Figure(plot_training_loss(curves, notes, out / "training_loss.png"), "Training loss across shards (dotted lines: shard starts)."))
 
     predictor = load_predictor(checkpoint, config.device)
     model = predictor.model
-    predictions = predict_validation(predictor, chunks, config.batch_size, config.seed)
+    seed = checkpoint_seed(read_checkpoint_meta(predictor.checkpoint), config.seed)
+    predictions = predict_validation(predictor, chunks, config.batch_size, seed)
     studies = predictions.studies
     figures.append(Figure(plot_roc_curves(studies["labels"], studies["raw"], out / "roc_curves.png"), "ROC curves per target, best checkpoint, validation studies."))
     figures.append(Figure(plot_calibration(studies["labels"], studies["raw"], studies["calibrated"], out / "calibration.png"), "Reliability of study probabilities before and after calibration."))
-    for k, study_index in enumerate(choose_profile_studies(studies, config.studies)):
+    for k, study_index in enumerate(choose_profile_studies(studies, config.num_studies)):
         figures.append(Figure(plot_profile(predictions, study_index, out / f"profile_{k:02d}.png"), f"Slice-score profile along z, study {studies['uids'][study_index]}."))
-    torch.manual_seed(config.seed)
-    for k, (index, vertebra) in enumerate(top_slices(predictions, config.saliency_slices)):
+    torch.manual_seed(seed)
+    for k, (index, vertebra) in enumerate(top_slices(predictions, config.num_saliency_slices)):
         path = out / f"saliency_{k:02d}.png"
-        plot_saliency(predictions, model, index, vertebra, path, config.smoothgrad_samples, config.seed + k)
+        plot_saliency(predictions, model, index, vertebra, path, config.num_smoothgrad_samples, seed + k)
         figures.append(Figure(path, f"Gradient saliency, top-scoring slice {k + 1}: study {predictions.study_ids[index]}, slice {predictions.slice_numbers[index]}."))
     index = write_index(out, run_dir, checkpoint, rows, predictions.scores, figures)
     return index, figures
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vit_spine.cli import parse_config
-
     (config,) = parse_config(ReportConfig, argv, prog="vit-spine report", description=__doc__.split("\n")[0], positionals=("run_dir",))
     index, figures = build_report(config)
     print(f"{len(figures)} figures and {index}")

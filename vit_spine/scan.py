@@ -1,4 +1,4 @@
-"""`vit-spine scan DATA_DIR --out FILE.parquet`: every DICOM header of a dataset into one slice table.
+"""`vit-spine scan DATA_DIR --output_file FILE.parquet`: every DICOM header of a dataset into one slice table.
 
 Each folder under `train_images/` and `test_images/` is one study, whatever lies inside it. Its files
 are found by content at any depth and assembled into one axial volume by `vit_spine.study.assemble`
@@ -30,8 +30,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from vit_spine import VERTEBRAE
+from vit_spine import options
 from vit_spine.labels import read_bounding_boxes, read_test_table, read_train_labels, read_vertebrae_table
+from vit_spine.options import aliases, parse_config
+from vit_spine.schema import FRACTURE_TARGETS, STUDY_LABEL_COLUMNS, STUDY_TARGETS, VERTEBRAE, VISIBLE_TARGETS
 
 IMAGE_SETS = ("train", "test")
 HEADER_COLUMNS = (
@@ -47,9 +49,6 @@ HEADER_COLUMNS = (
     "bits_stored",
     "pixel_representation",
 )
-VISIBLE_COLUMNS = tuple(f"visible_{v}" for v in VERTEBRAE)
-FRACTURE_COLUMNS = tuple(f"fracture_{v}" for v in VERTEBRAE)
-LABEL_COLUMNS = ("label_overall", *(f"label_{v}" for v in VERTEBRAE))
 COLUMNS = (
     "StudyInstanceUID",
     "slice_number",
@@ -62,11 +61,11 @@ COLUMNS = (
     *HEADER_COLUMNS,
     "left_out",
     "problem",
-    *VISIBLE_COLUMNS,
-    *FRACTURE_COLUMNS,
+    *VISIBLE_TARGETS,
+    *FRACTURE_TARGETS,
     "visibility_source",
     "fracture_source",
-    *LABEL_COLUMNS,
+    *STUDY_LABEL_COLUMNS,
     "fold",
 )
 METADATA_KEY = b"vit_spine"
@@ -84,8 +83,9 @@ class ScanConfig:
         metadata={"help": "dataset root in the RSNA 2022 layout: train_images/, test_images/, train.csv, "
                   "train_bounding_boxes.csv, segmentations/, test.csv (any of them may be missing)"}
     )
-    out: str | None = field(
-        default=None, metadata={"help": "Parquet file to write the slice table to (required on the command line)"}
+    output_file: str | None = field(
+        default=None,
+        metadata={"help": "Parquet file to write the slice table to (required on the command line)", "aliases": aliases("out")},
     )
     workers: int = field(
         default_factory=lambda: os.cpu_count() or 1,
@@ -100,25 +100,21 @@ class ScanConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
-        from vit_spine import options
-
         self.workers = options.capped_workers(self.workers)
         options.folder_path(self.data_dir, "DATA_DIR")
-        options.file_path(self.out, "--out")
+        options.file_path(self.output_file, "--output_file")
         options.file_path(self.vertebrae_table, "--vertebrae_table")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     (config,) = parse_scan_config(argv)
-    if not config.out:  # optional for the library (scan() without writing), required on the command line
-        raise ValueError("--out FILE.parquet is required")
+    if not config.output_file:  # optional for the library (scan() without writing), required on the command line
+        raise ValueError("--output_file FILE.parquet is required")
     scan(config.data_dir, config)
     return 0
 
 
 def parse_scan_config(argv: Sequence[str] | None) -> tuple[ScanConfig]:
-    from vit_spine.cli import parse_config
-
     return parse_config(
         ScanConfig,
         argv,
@@ -130,7 +126,7 @@ def parse_scan_config(argv: Sequence[str] | None) -> tuple[ScanConfig]:
 
 
 def scan(data_dir: str | Path, config: ScanConfig | None = None) -> pd.DataFrame:
-    """Build the slice table of `data_dir` (columns `COLUMNS`), print its report, write `config.out` if set.
+    """Build the slice table of `data_dir` (columns `COLUMNS`), print its report, write `config.output_file` if set.
 
     The report (dict) is also in `df.attrs["vit_spine"]` as {"data_dir", "report"}, the same JSON that
     goes into the Parquet metadata. `config.data_dir` is ignored here (the argument wins).
@@ -158,9 +154,9 @@ def scan(data_dir: str | Path, config: ScanConfig | None = None) -> pd.DataFrame
     report = build_report(df, studies, issues)
     df.attrs["vit_spine"] = {"data_dir": str(data_dir), "report": report}
     print(format_report(report, data_dir))
-    if config.out:
-        write_scan(df, config.out)
-        print(f"wrote {len(df)} slices to {config.out}")
+    if config.output_file:
+        write_scan(df, config.output_file)
+        print(f"wrote {len(df)} slices to {config.output_file}")
     return df
 
 
@@ -191,7 +187,7 @@ class Inputs:
         self.boxes_by_study = {uid: g for uid, g in self.boxes.groupby("StudyInstanceUID")}
         self.labels_by_study: dict[str, tuple[np.ndarray, float]] = {}
         if self.labels is not None:
-            values = self.labels[["patient_overall", *VERTEBRAE]].to_numpy(dtype=float)
+            values = self.labels[list(STUDY_TARGETS)].to_numpy(dtype=float)
             folds = self.labels["fold"].to_numpy(dtype=float) if "fold" in self.labels else np.full(len(values), np.nan)
             self.labels_by_study = dict(zip(self.labels["StudyInstanceUID"], zip(values, folds)))
 
@@ -434,12 +430,12 @@ def label_study(data_dir: Path, study: ScannedStudy, inputs: Inputs, issues: Iss
     all_visible = np.full((len(rows), len(VERTEBRAE)), np.nan)
     all_fracture = np.full((len(rows), len(VERTEBRAE)), np.nan)
     all_visible[in_volume], all_fracture[in_volume] = visible, fracture
-    rows[list(VISIBLE_COLUMNS)] = all_visible
-    rows[list(FRACTURE_COLUMNS)] = all_fracture
+    rows[list(VISIBLE_TARGETS)] = all_visible
+    rows[list(FRACTURE_TARGETS)] = all_fracture
     rows["visibility_source"] = "unknown"
     rows.loc[in_volume, "visibility_source"] = sources
     rows["fracture_source"] = np.where(in_volume, fracture_source, "unknown")
-    rows[list(LABEL_COLUMNS)] = np.tile(np.full(len(LABEL_COLUMNS), np.nan) if study_labels is None else study_labels, (len(rows), 1))
+    rows[list(STUDY_LABEL_COLUMNS)] = np.tile(np.full(len(STUDY_LABEL_COLUMNS), np.nan) if study_labels is None else study_labels, (len(rows), 1))
     rows["fold"] = fold
     summary = {
         "StudyInstanceUID": uid,

@@ -24,14 +24,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from vit_spine.fs import DamagedFile, check_files, read_json
+from vit_spine.artifacts import read_shard_meta
+from vit_spine.fs import DamagedFile, check_files
+from vit_spine.schema import NUM_SLICE_TARGETS, NUM_STUDY_TARGETS, SHARD_META_FILE
 
 ARROW_FILE = "data-00000-of-00001.arrow"  # the name `save_to_disk` gives a one-file dataset
-SHARD_META = "vit_spine_shard.json"
 STATE_FILE = "state.json"
 INFO_FILE = "dataset_info.json"
-NUM_LABELS = 14  # fracture_C1..C7, visible_C1..C7
-NUM_STUDY_LABELS = 8  # patient_overall, C1..C7
 # The name `datasets` registers its Array3D type under (its module and class name): `load_from_disk`
 # turns a column with this name back into an Array3D feature.
 ARRAY3D_EXTENSION = "datasets.features.features.Array3DExtensionType"
@@ -69,8 +68,8 @@ def features_dict(image_size: int, channels: int) -> dict[str, Any]:
 
     return {
         "pixel_values": {"shape": [channels, image_size, image_size], "dtype": "uint8", "_type": "Array3D"},
-        "labels": {"feature": value("float32"), "length": NUM_LABELS, "_type": "List"},
-        "study_labels": {"feature": value("float32"), "length": NUM_STUDY_LABELS, "_type": "List"},
+        "labels": {"feature": value("float32"), "length": NUM_SLICE_TARGETS, "_type": "List"},
+        "study_labels": {"feature": value("float32"), "length": NUM_STUDY_TARGETS, "_type": "List"},
         "StudyInstanceUID": value("string"),
         "slice_number": value("int32"),
         "z": value("float32"),
@@ -81,8 +80,8 @@ def shard_schema(image_size: int, channels: int = 3) -> pa.Schema:
     """The Arrow schema of a shard; `channels` stored per slice (1 for 'bone25d', 3 for 'windows')."""
     fields = [
         pa.field("pixel_values", Array3DType((channels, image_size, image_size))),
-        pa.field("labels", pa.list_(pa.float32(), NUM_LABELS)),
-        pa.field("study_labels", pa.list_(pa.float32(), NUM_STUDY_LABELS)),
+        pa.field("labels", pa.list_(pa.float32(), NUM_SLICE_TARGETS)),
+        pa.field("study_labels", pa.list_(pa.float32(), NUM_STUDY_TARGETS)),
         pa.field("StudyInstanceUID", pa.string()),
         pa.field("slice_number", pa.int32()),
         pa.field("z", pa.float32()),
@@ -124,8 +123,8 @@ def record_batch(
     return pa.record_batch(
         [
             pa.ExtensionArray.from_storage(schema.field("pixel_values").type, storage),
-            fixed(labels, NUM_LABELS),
-            fixed(study_labels, NUM_STUDY_LABELS),
+            fixed(labels, NUM_SLICE_TARGETS),
+            fixed(study_labels, NUM_STUDY_TARGETS),
             pa.array([str(uid) for uid in study_ids], pa.string()),
             pa.array(np.asarray(slice_numbers, dtype=np.int32)),
             pa.array(np.asarray(zs, dtype=np.float32)),
@@ -167,13 +166,13 @@ def damage(folder: Path, checksums: bool = False) -> list[str]:
     """What is wrong with a finished shard's files compared with the sizes (and, when asked, checksums)
     recorded when it was written; [] when whole. A shard written before the record existed is not checked
     here (`read_table` still names it when its files cannot be read)."""
-    record = read_json(Path(folder) / SHARD_META, "shard's metadata").get("files")
+    record = read_shard_meta(folder).get("files")
     return check_files(Path(folder), record, checksums) if record else []
 
 
 def check_whole(folder: Path) -> None:
     """DamagedFile naming the shard, what differs and how to repair it, unless its files have their recorded sizes."""
-    problems = damage(folder) if (Path(folder) / SHARD_META).is_file() else []
+    problems = damage(folder) if (Path(folder) / SHARD_META_FILE).is_file() else []
     if problems:
         raise DamagedFile(f"shard {folder} is damaged ({'; '.join(problems)}): {REPAIR}")
 

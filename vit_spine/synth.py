@@ -28,7 +28,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from vit_spine import STUDY_TARGETS, VERTEBRAE
+from vit_spine import options
+from vit_spine.options import aliases, parse_config
+from vit_spine.schema import STUDY_TARGETS, VERTEBRAE
 
 UID_ROOT = "1.2.826.0.1.3680043"  # the root the RSNA 2022 StudyInstanceUIDs use
 
@@ -87,10 +89,13 @@ Z_DECREASING_CYCLE = (True, False, True, True, False)
 
 @dataclass
 class SynthConfig:
-    out: str = field(metadata={"help": "output folder for the dataset (RSNA 2022 layout)"})
-    studies: int = field(default=24, metadata={"help": "number of studies in all (train + test)"})
-    test_studies: int = field(default=4, metadata={"help": "how many of the studies go to test_images/"})
-    slices: int = field(default=96, metadata={"help": "axial slices per study (at least 24)"})
+    output_dir: str = field(metadata={"help": "output folder for the dataset (RSNA 2022 layout)", "aliases": aliases("out")})
+    num_studies: int = field(
+        default=24, metadata={"help": "number of studies in all (train + test)", "aliases": aliases("studies")})
+    num_test_studies: int = field(
+        default=4, metadata={"help": "how many of the studies go to test_images/", "aliases": aliases("test_studies")})
+    num_slices: int = field(
+        default=96, metadata={"help": "axial slices per study (at least 24)", "aliases": aliases("slices")})
     size: int = field(default=256, metadata={"help": "rows and columns of every slice (at least 64)"})
     seed: int = field(default=0, metadata={"help": "random seed; the same arguments write the same bytes"})
     segmentation_fraction: float = field(
@@ -101,33 +106,33 @@ class SynthConfig:
         default=0.025,
         metadata={"help": "width of a planted cortical break as a fraction of the image side (wider = easier to learn)"})
     workers: int = field(default=1, metadata={"help": "processes writing studies in parallel"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the dataset files already in OUT"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the dataset files already in OUTPUT_DIR"})
 
     def __post_init__(self) -> None:
-        if self.studies < 2:
-            raise ValueError(f"--studies must be at least 2 (got {self.studies})")
-        if not 0 <= self.test_studies < self.studies:
-            raise ValueError(f"--test_studies must be in [0, --studies) (got {self.test_studies}, studies {self.studies})")
-        if self.studies - self.test_studies < 2:
+        if self.num_studies < 2:
+            raise ValueError(f"--num_studies must be at least 2 (got {self.num_studies})")
+        if not 0 <= self.num_test_studies < self.num_studies:
+            raise ValueError(f"--num_test_studies must be in [0, --num_studies) (got {self.num_test_studies}, "
+                             f"studies {self.num_studies})")
+        if self.num_studies - self.num_test_studies < 2:
             raise ValueError("at least 2 train studies are needed (one positive, one negative): "
-                             f"--studies {self.studies} --test_studies {self.test_studies}")
-        if self.slices < 24:
-            raise ValueError(f"--slices must be at least 24 to hold C1..C7 (got {self.slices})")
+                             f"--num_studies {self.num_studies} --num_test_studies {self.num_test_studies}")
+        if self.num_slices < 24:
+            raise ValueError(f"--num_slices must be at least 24 to hold C1..C7 (got {self.num_slices})")
         if self.size < 64:
             raise ValueError(f"--size must be at least 64 (got {self.size})")
         for name in ("segmentation_fraction", "box_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name} must be in [0, 1] (got {getattr(self, name)})")
-        from vit_spine import options
 
         self.workers = options.capped_workers(self.workers)
-        options.folder_path(self.out, "OUT")
+        options.folder_path(self.output_dir, "OUTPUT_DIR")
         if not 0.0 < self.fracture_width <= 0.2:
             raise ValueError(f"--fracture_width must be in (0, 0.2] (got {self.fracture_width})")
 
     @property
     def train_studies(self) -> int:
-        return self.studies - self.test_studies
+        return self.num_studies - self.num_test_studies
 
 
 @dataclass
@@ -218,12 +223,12 @@ class StudyPlan:
 def plan_studies(config: SynthConfig) -> list[StudyPlan]:
     """The studies `synthesize(out, config)` writes, train studies first."""
     rng = np.random.default_rng([config.seed, 7919])
-    numbers = rng.choice(np.arange(1000, 33000), size=config.studies, replace=False)
+    numbers = rng.choice(np.arange(1000, 33000), size=config.num_studies, replace=False)
     uids = [f"{UID_ROOT}.{n}" for n in numbers]
     n_train = config.train_studies
     train_labels = draw_split_labels(n_train, rng)
-    test_labels = draw_split_labels(config.test_studies, rng)
-    labels = np.concatenate([train_labels, test_labels]) if config.test_studies else train_labels
+    test_labels = draw_split_labels(config.num_test_studies, rng)
+    labels = np.concatenate([train_labels, test_labels]) if config.num_test_studies else train_labels
 
     folds = _stratified_folds(train_labels.any(axis=1), rng)
     n_seg = max(1, round(config.segmentation_fraction * n_train))
@@ -233,14 +238,14 @@ def plan_studies(config: SynthConfig) -> list[StudyPlan]:
     with_boxes = set(rng.permutation(positives)[:n_box].tolist())
 
     plans = []
-    for i in range(config.studies):
+    for i in range(config.num_studies):
         is_train = i < n_train
         plans.append(StudyPlan(
             uid=uids[i],
             split="train" if is_train else "test",
             labels=tuple(int(v) for v in labels[i]),
             fold=int(folds[i]) if is_train else None,
-            num_slices=config.slices,
+            num_slices=config.num_slices,
             size=config.size,
             transfer_syntax=SYNTAX_CYCLE[(i + config.seed) % len(SYNTAX_CYCLE)],
             pixel_format=PIXEL_CYCLE[(i + config.seed) % len(PIXEL_CYCLE)],
@@ -592,8 +597,8 @@ def slice_dataset(plan: StudyPlan, rendered: RenderedStudy, index: int):
 
 
 def segmentation_volume(plan: StudyPlan, rendered: RenderedStudy) -> np.ndarray:
-    """The NIfTI array, stored the RSNA way: the inverse of the DESIGN.md rule that turns it back
-    into a (slice, row, col) mask in slice_number order."""
+    """The NIfTI array, stored the RSNA way: the inverse of the rule public RSNA 2022 solutions use to
+    turn it back into a (slice, row, col) mask in slice_number order."""
     mask = rendered.labels
     if plan.z_decreasing:  # rule: seg[:, ::-1, ::-1].transpose(2, 1, 0)
         return np.ascontiguousarray(mask[::-1, ::-1, :].transpose(2, 1, 0))
@@ -743,14 +748,12 @@ def synthesize(out: Path, config: SynthConfig) -> SynthSummary:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vit_spine.cli import parse_config
-
     (config,) = parse_config(
         SynthConfig, argv, prog="vit-spine synth",
         description="Write a synthetic CT dataset in the RSNA 2022 cervical spine layout, with per-slice ground truth.",
-        positionals=("out",),
+        positionals=("output_dir",),
     )
-    print(synthesize(Path(config.out), config))
+    print(synthesize(Path(config.output_dir), config))
     return 0
 
 

@@ -1,27 +1,26 @@
 """`vit-spine train`: fine-tune a ViT on one shard after another, judged after each shard.
 
-Per shard (DESIGN.md pitfalls 1-3): a fresh `Trainer` whose model is `from_pretrained(previous
-shard's checkpoint)`; one learning-rate schedule spans the whole run (warm-up once, decay across
+Per shard: a fresh `Trainer` (resuming one onto a new shard restores its global_step, so it could train
+zero steps) whose model is `from_pretrained(previous shard's checkpoint)` (the only load that renames
+the ViT weights correctly); one learning-rate schedule spans the whole run (warm-up once, decay across
 shards); after the shard the validation shard is predicted, pooled to vertebra and patient level,
 calibrated (cross-fitted, so the reported score never sees its own labels) and scored with the
-competition's weighted log loss. A row goes to OUTPUT/metrics.jsonl, the weights and their
-preprocessing/calibration to OUTPUT/shard_XXXXX/, OUTPUT/best points at the best shard, and the run
-stops after --patience shards without improvement.
+competition's weighted log loss. A row goes to OUTPUT_DIR/metrics.jsonl, the weights and their
+preprocessing/calibration to OUTPUT_DIR/shard_XXXXX/, OUTPUT_DIR/best points at the best shard, and the run
+stops after --patience shards without improvement (or after --max_steps optimizer steps in all).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
-import queue
 import shutil
 import signal
-import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import Future, wait
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,44 +32,44 @@ from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from vit_spine import chunk as chunking
-from vit_spine.cli import parse_config
-from vit_spine.data import AugmentConfig, ShardDataset, balanced_sampler, collate_batch, model_input
-from vit_spine.evaluation import (
-    CHECKPOINT_META,
-    METRICS_FILE,
+from vit_spine import options
+from vit_spine.artifacts import (
+    RunDir,
+    ShardSaved,
     best_row,
-    checkpoint_weight_files,
+    load_manifest,
+    plan_fingerprint,
     read_checkpoint_meta,
+    train_shards,
+    val_shards,
     verify_checkpoint,
-    PoolingConfig,
-    ValidationSet,
-    format_table,
-    score_predictions,
-    train_prevalence,
+    write_checkpoint_meta,
 )
-from vit_spine.fs import FolderLock, check_files, durable_replace, file_record, flush_folder_files, write_json_atomic, write_text_atomic
-from vit_spine.model import IGNORE_INDEX, MaskedBCELoss, create_model, fracture_pos_weight, load_model
-
-RUN_CONFIG_FILE = "run_config.json"
+from vit_spine.data import AugmentConfig, ShardDataset, ValidationSet, balanced_sampler, collate_batch, load_validation, model_input
+from vit_spine.evaluation import PoolingConfig, format_table, score_predictions, train_prevalence
+from vit_spine.fs import FolderLock, check_files, file_record, flush_folder_files, write_json_atomic
+from vit_spine.inference import predict_probabilities
+from vit_spine.models import IGNORE_INDEX, MaskedBCELoss, create_model, fracture_pos_weight, load_model
+from vit_spine.options import aliases, parse_config
+from vit_spine.schema import FRACTURES, MANIFEST_FILE, TRAINER_CHECKPOINT_COMPLETE_FILE, TRAINER_DIR, TRAINER_STATE_FILE
 
 
 @dataclass
 class TrainConfig:
     chunks: str = field(metadata={"help": "folder written by `vit-spine chunk` (holds manifest.json)."})
-    output: str = field(metadata={"help": "run folder: shard_XXXXX/ checkpoints, metrics.jsonl, best -> shard."})
-    model: str | None = field(
+    model_name_or_path: str | None = field(
         default=None,
         metadata={
             "help": "pretrained backbone, a Hub name in the local cache or a local folder "
-            "(default google/vit-base-patch16-224-in21k when --model-config is not given)."
+            "(default google/vit-base-patch16-224-in21k when --model_config is not given).",
+            "aliases": aliases("model"),
         },
     )
     model_config: str | None = field(
         default=None, metadata={"help": "random-init ViT size instead of pretrained weights: tiny, small or base."}
     )
     patch_size: int | None = field(
-        default=None, metadata={"help": "with --model-config: ViT patch size (default 16); smaller sees finer detail, costs more."}
+        default=None, metadata={"help": "with --model_config: ViT patch size (default 16); smaller sees finer detail, costs more."}
     )
     patience: int = field(default=2, metadata={"help": "stop after this many shards without a better validation score."})
     min_delta: float = field(default=0.0, metadata={"help": "an improvement smaller than this does not count."})
@@ -90,7 +89,7 @@ class TrainConfig:
         default=None,
         metadata={
             "help": "draw fracture-positive slices with this probability (balanced sampling, with replacement); "
-            "default: plain shuffling. Not combinable with --replay-fraction."
+            "default: plain shuffling. Not combinable with --replay_fraction."
         },
     )
     keep_trainer_checkpoints: bool = field(
@@ -99,21 +98,20 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        from vit_spine import options
-        from vit_spine.model import MODEL_CONFIGS, check_model_folder
+        from vit_spine.models import backbone_of_preset, pretrained_backbone
 
-        if self.model and self.model_config:
-            raise ValueError("give either --model or --model_config, not both")
-        if self.model_config is not None and self.model_config not in MODEL_CONFIGS:
-            raise ValueError(f"--model_config {self.model_config!r}: choose from {', '.join(MODEL_CONFIGS)}")
-        if self.model:
-            check_model_folder(self.model)
+        if self.model_name_or_path and self.model_config:
+            raise ValueError("give either --model_name_or_path or --model_config, not both")
+        if self.model_config is not None:
+            backbone_of_preset(self.model_config)  # an unknown preset: one line listing the known ones
+        if self.model_name_or_path:
+            pretrained_backbone(self.model_name_or_path)  # a folder without config.json, of an unknown backbone
         if self.patch_size is not None and not self.model_config:
             raise ValueError("--patch_size applies to a random-init --model_config only")
         options.at_least(self.patch_size, 1, "--patch_size")
-        if self.patch_size and (Path(self.chunks) / chunking.MANIFEST).is_file():
+        if self.patch_size and (Path(self.chunks) / MANIFEST_FILE).is_file():
             # checked here, before the run folder is made; the image size is the chunks'
-            image_size = chunking.load_manifest(self.chunks)["preprocess"]["image_size"]
+            image_size = load_manifest(self.chunks)["preprocess"]["image_size"]
             if image_size % self.patch_size:
                 raise ValueError(f"--patch_size {self.patch_size} does not divide the chunks' image size {image_size}: "
                                  f"choose a divisor of {image_size}")
@@ -129,7 +127,61 @@ class TrainConfig:
             if self.replay_fraction > 0:
                 raise ValueError("--positive_fraction and --replay_fraction cannot be combined")
         options.folder_path(self.chunks, "--chunks")
-        options.folder_path(self.output, "--output")
+
+
+# TrainingArguments values the shard loop cannot honour: (the value that is accepted, why another is refused).
+# Each is refused with one line before anything runs, rather than failing inside the Trainer or being ignored.
+NOT_HONOURED: dict[str, tuple[object, str]] = {
+    "resume_from_checkpoint": (None, "a run resumes by itself: run the same command again with the same --output_dir"),
+    "eval_strategy": ("no", "the validation shard is scored after every shard (metrics.jsonl); leave it at no"),
+    "eval_on_start": (False, "the validation shard is scored after every shard (metrics.jsonl)"),
+    "load_best_model_at_end": (False, "OUTPUT_DIR/best points at the best shard (see --patience and --min_delta)"),
+    "metric_for_best_model": (None, "the best shard is the one with the lowest validation weighted log loss"),
+    "greater_is_better": (None, "the best shard is the one with the lowest validation weighted log loss"),
+    "prediction_loss_only": (False, "each shard is scored on its validation predictions"),
+    "label_smoothing_factor": (0.0, "the loss is vit-spine's masked BCE (see --fracture_pos_weight_max)"),
+    "report_to": ("none", "each shard's Trainer counts its steps from 0, so the curves would overlap; "
+                          "OUTPUT_DIR/metrics.jsonl and `vit-spine report` give the run's"),
+    "hub_strategy": ("every_save", "--push_to_hub pushes every finished shard, the best to main"),
+    "hub_revision": (None, "--push_to_hub commits the best shard to main and every shard to its shard-XXXXX branch"),
+    "hub_always_push": (False, "--push_to_hub pushes every finished shard, one at a time"),
+}
+
+
+def refuse_not_honoured(args) -> None:
+    """Refuse the TrainingArguments values in NOT_HONOURED, and --save_strategy best (it needs evaluation
+    inside the Trainer); `args` raw from the command line or already a TrainingArguments."""
+    for name, (accepted, why) in NOT_HONOURED.items():
+        value = getattr(args, name)
+        if name == "report_to" and value in ([], ["none"], None):  # TrainingArguments turns "none" into []
+            continue
+        if value != accepted:
+            shown = " ".join(value) if isinstance(value, list) else getattr(value, "value", value)
+            raise ValueError(f"--{name} {shown}: not supported by `vit-spine train`: {why}")
+    if args.save_strategy == "best":
+        raise ValueError("--save_strategy best: not supported by `vit-spine train`: OUTPUT_DIR/best points at the best "
+                         "shard; choose steps, epoch or no")
+
+
+@dataclass
+class ShardTrainingArguments(TrainingArguments):
+    """TrainingArguments as `vit-spine train` takes them: --output_dir is the run folder (required), and the
+    values the shard loop cannot honour are refused before transformers checks (or ignores) them."""
+
+    output_dir: str = field(
+        metadata={"help": "run folder: shard_XXXXX/ checkpoints, metrics.jsonl, best -> shard; each shard's Trainer "
+                  "writes under shard_XXXXX/trainer.", "aliases": aliases("output")}
+    )
+    num_train_epochs: float = field(default=3.0, metadata={"help": "passes over each shard."})
+    max_steps: int = field(
+        default=-1,
+        metadata={"help": "optimizer steps of the whole run, across shards: shards train their --num_train_epochs in "
+                  "turn until this many steps are taken, and the learning-rate schedule spans them (-1: no limit)."},
+    )
+
+    def __post_init__(self):
+        refuse_not_honoured(self)
+        super().__post_init__()
 
 
 PREFETCH_BATCHES = 4  # batches each DataLoader worker keeps ready
@@ -140,7 +192,6 @@ def training_defaults() -> dict:
     on_gpu = torch.cuda.is_available()
     workers = min(8, (os.cpu_count() or 2) // 2) if on_gpu else 0
     return dict(
-        output_dir="unused",  # replaced per shard by OUTPUT/shard_XXXXX/trainer
         per_device_train_batch_size=32,
         per_device_eval_batch_size=64,
         learning_rate=1e-4,
@@ -265,25 +316,22 @@ class ShardTrainer(Trainer):
         return self.lr_scheduler
 
 
-CHECKPOINT_COMPLETE = "vit_spine_complete.json"  # in a Trainer checkpoint-N: its files' sizes and checksums
-
-
 def mark_checkpoint_complete(folder: Path) -> None:
     """Flush a finished Trainer checkpoint to disk, then record its files; the record is the "complete" mark."""
     flush_folder_files(folder)
-    write_json_atomic(folder / CHECKPOINT_COMPLETE, file_record(folder))
+    write_json_atomic(folder / TRAINER_CHECKPOINT_COMPLETE_FILE, file_record(folder))
 
 
 def checkpoint_damage(folder: Path) -> list[str]:
     """Why a Trainer checkpoint cannot be resumed from ([] when it is whole: marked, and its files as recorded)."""
-    marker = folder / CHECKPOINT_COMPLETE
+    marker = folder / TRAINER_CHECKPOINT_COMPLETE_FILE
     if not marker.is_file():
         return ["not marked complete: it was being written when the run stopped"]
     try:
         record = json.loads(marker.read_text())
     except ValueError:
-        return [f"{CHECKPOINT_COMPLETE} is damaged"]
-    record.pop(CHECKPOINT_COMPLETE, None)
+        return [f"{TRAINER_CHECKPOINT_COMPLETE_FILE} is damaged"]
+    record.pop(TRAINER_CHECKPOINT_COMPLETE_FILE, None)
     return check_files(folder, record, checksums=True)
 
 
@@ -330,14 +378,11 @@ def shard_train_loss(log_history: list[dict]) -> float:
 
 
 def update_steps(num_examples: int, args: TrainingArguments) -> int:
-    """Optimizer steps the Trainer takes for one shard (same arithmetic as Trainer)."""
-    batches = math.ceil(num_examples / (args.per_device_train_batch_size * args.world_size))
+    """Optimizer steps the Trainer takes for one shard (same arithmetic as Trainer, --dataloader_drop_last included)."""
+    per_batch = args.per_device_train_batch_size * args.world_size
+    batches = num_examples // per_batch if args.dataloader_drop_last else math.ceil(num_examples / per_batch)
     per_epoch = max(1, math.ceil(batches / args.gradient_accumulation_steps))
     return math.ceil(per_epoch * args.num_train_epochs)
-
-
-def shard_dir(output: Path, index: int) -> Path:
-    return output / f"shard_{index:05d}"
 
 
 def with_replay(current: ShardDataset, earlier: list[ShardDataset], fraction: float, seed: int) -> Dataset:
@@ -351,51 +396,14 @@ def with_replay(current: ShardDataset, earlier: list[ShardDataset], fraction: fl
     return ConcatDataset([current, Subset(pool, np.sort(picked).tolist())])
 
 
-def load_validation(chunks: Path, manifest: dict) -> tuple[Dataset, ValidationSet]:
-    shards = [ShardDataset(chunks / s["path"]) for s in chunking.val_shards(manifest)]
-    if not shards:
-        raise ValueError(f"{chunks / 'manifest.json'} lists no validation shard; re-chunk with --val-fraction > 0")
-    dataset = shards[0] if len(shards) == 1 else ConcatDataset(shards)
-    validation = ValidationSet(
-        study_ids=np.concatenate([s.study_ids for s in shards]),
-        study_labels=np.concatenate([s.study_labels for s in shards]),
-    )
-    return dataset, validation
-
-
 def training_statistics(shards: list[ShardDataset]) -> tuple[np.ndarray, float]:
     """(prevalence of the 8 study targets over training studies, positive rate of fracture slice targets)."""
     prevalence = train_prevalence(
         np.concatenate([s.study_labels for s in shards]), np.concatenate([s.study_ids for s in shards])
     )
-    fracture = np.concatenate([s.labels[:, :7] for s in shards])
+    fracture = np.concatenate([s.labels[:, FRACTURES] for s in shards])
     known = fracture[~np.isnan(fracture)]
     return prevalence, float(known.mean()) if known.size else 0.0
-
-
-def check_run_config(output: Path, current: dict) -> None:
-    """Refuse to continue a run whose data or model differ from what it was started with."""
-    path = output / RUN_CONFIG_FILE
-    if not path.exists():
-        return
-    from vit_spine.evaluation import load_json
-
-    saved = load_json(path, "use a new --output folder, or, when the run's chunks and model are unchanged, delete it "
-                            "and run the same `vit-spine train` command again")
-    # a key an older run did not record cannot have differed
-    differs = [k for k in current if k in saved and saved[k] != current[k]]
-    if differs:
-        details = "; ".join(f"{k}: was {saved.get(k)!r}, now {current[k]!r}" for k in differs)
-        raise ValueError(f"{output} holds a run with another configuration ({details}). Use a new --output folder.")
-
-
-def point_best(output: Path, index: int) -> None:
-    link = output / "best"
-    tmp = output / ".best.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(shard_dir(output, index).name)
-    os.replace(tmp, link)
 
 
 class StopRequest(TrainerCallback):
@@ -451,7 +459,6 @@ class RunResult:
     rows: list[dict]  # one per finished shard, including shards finished by earlier invocations
     best_shard: int | None
     interrupted: bool  # stopped by a signal; run the same command again to continue
-    failed_pushes: list = field(default_factory=list)  # vit_spine.hub.PushResult of pushes that failed
 
 
 @dataclass
@@ -463,86 +470,84 @@ class Run:
     args: TrainingArguments
     manifest: dict
     train_sets: list[ShardDataset]
-    val_dataset: Dataset
     validation: ValidationSet
     prevalence: np.ndarray
     loss: MaskedBCELoss
     augment: AugmentConfig | None
     schedule_total: int
     state: PartialState
-    hub_model_id: str | None  # push every finished shard here (main holds the best)
-
-    @property
-    def output(self) -> Path:
-        return Path(self.config.output)
+    output: Path  # the run folder, --output_dir (each shard's Trainer gets its own folder under it)
+    max_steps: int | None  # --max_steps: optimizer steps of the whole run, None for no limit
 
 
 def prepare_run(config: TrainConfig, pooling: PoolingConfig, args: TrainingArguments, augment: AugmentConfig) -> Run:
-    chunks, output = Path(config.chunks), Path(config.output)
-    hub_model_id = None
-    if args.push_to_hub:
-        if not args.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id NAME (e.g. you/vit-spine)")
-        # we push each finished shard ourselves; the per-shard Trainer must not push on its own
-        hub_model_id, args.push_to_hub = args.hub_model_id, False
-    manifest = chunking.load_manifest(chunks)
+    chunks, output = Path(config.chunks), Path(args.output_dir)
+    if args.push_to_hub:  # the per-shard Trainer must not push on its own; a subscriber pushes each finished shard
+        raise ValueError("--push_to_hub: run_training pushes nothing itself; subscribe a vit_spine.hub.ShardPusher "
+                         "with on_shard_saved (as `vit-spine train --push_to_hub` does) and pass push_to_hub=False")
+    manifest = load_manifest(chunks)
     image_size = int(manifest["preprocess"]["image_size"])
-    entries = chunking.train_shards(manifest)[: config.max_shards]
+    entries = train_shards(manifest)[: config.max_shards]
     if not entries:
-        raise ValueError(f"{chunks / 'manifest.json'} lists no training shard")
-    missing = [e["path"] for e in [*entries, *chunking.val_shards(manifest)] if not e["complete"]]
+        raise ValueError(f"{chunks / MANIFEST_FILE} lists no training shard")
+    missing = [e["path"] for e in [*entries, *val_shards(manifest)] if not e["complete"]]
     if missing:
         raise FileNotFoundError(
-            f"shards listed in {chunks / 'manifest.json'} are not written yet: {', '.join(missing)}; finish `vit-spine chunk` first"
+            f"shards listed in {chunks / MANIFEST_FILE} are not written yet: {', '.join(missing)}; finish `vit-spine chunk` first"
         )
 
     state = PartialState()
     identity = {
         "chunks": str(chunks.resolve()),
-        "model": config.model,
+        "model": config.model_name_or_path,
         "model_config": config.model_config,
         "patch_size": config.patch_size,
         "image_size": image_size,
         "preprocess": manifest["preprocess"],
-        "manifest": chunking.plan_fingerprint(manifest),  # the shards it was built from: a re-chunk is refused
+        "manifest": plan_fingerprint(manifest),  # the shards it was built from: a re-chunk is refused
         "min_delta": config.min_delta,  # part of the one "best" rule
     }
-    check_run_config(output, identity)
+    RunDir(output).check_run_config(identity)
     if state.is_main_process:
-        write_json_atomic(output / RUN_CONFIG_FILE, identity, indent=2)
+        RunDir(output).write_run_config(identity)
     state.wait_for_everyone()
 
     train_sets = [ShardDataset(chunks / e["path"]) for e in entries]
-    val_dataset, validation = load_validation(chunks, manifest)
+    validation = load_validation(chunks, manifest)
     prevalence, positive_rate = training_statistics(train_sets)
     sizes = [len(s) + int(round(config.replay_fraction * len(s))) * (k > 0) for k, s in enumerate(train_sets)]
+    epoch_steps = sum(update_steps(n, args) for n in sizes)
+    max_steps = args.max_steps if args.max_steps > 0 else None
+    if max_steps is not None and max_steps > epoch_steps and state.is_main_process:
+        print(f"note: --max_steps {max_steps} is more than the {epoch_steps} steps that --num_train_epochs "
+              f"{args.num_train_epochs:g} gives over the shards; the run ends after {epoch_steps}", flush=True)
     return Run(
         config=config,
         pooling=pooling,
         args=args,
         manifest=manifest,
         train_sets=train_sets,
-        val_dataset=val_dataset,
         validation=validation,
         prevalence=prevalence,
         loss=MaskedBCELoss(fracture_pos_weight(positive_rate, config.fracture_pos_weight_max)),
         augment=augment if config.augment else None,
-        schedule_total=sum(update_steps(n, args) for n in sizes),
+        schedule_total=min(epoch_steps, max_steps or epoch_steps),  # one schedule over the steps the run takes
         state=state,
-        hub_model_id=hub_model_id,
+        output=output,
+        max_steps=max_steps,
     )
 
 
 def starting_model(run: Run, k: int, resume_from: str | None):
     if resume_from is not None:
-        # from_pretrained restores the renamed ViT weights; the Trainer then restores optimizer,
-        # scheduler, RNG and data position from the same checkpoint (DESIGN.md pitfall 1).
+        # from_pretrained restores the renamed ViT weights (the Trainer's own strict=False load would
+        # silently skip the encoder); the Trainer then restores optimizer, scheduler, RNG and data position.
         return load_model(resume_from)
     if k == 0:
         image_size = int(run.manifest["preprocess"]["image_size"])
-        return create_model(run.config.model, run.config.model_config, image_size=image_size, seed=run.args.seed,
+        return create_model(run.config.model_name_or_path, run.config.model_config, image_size=image_size, seed=run.args.seed,
                             patch_size=run.config.patch_size)
-    previous = shard_dir(run.output, k - 1)
+    previous = RunDir(run.output).shard(k - 1)
     verify_checkpoint(previous, read_checkpoint_meta(previous))  # shard k starts from exactly these weights
     return load_model(previous)
 
@@ -550,15 +555,17 @@ def starting_model(run: Run, k: int, resume_from: str | None):
 def train_shard(run: Run, k: int, offset: int, stop: StopRequest, callbacks: Sequence[TrainerCallback]) -> dict | None:
     """Train, score and save shard k. Returns its metrics row, or None when stopped by a signal."""
     start = time.time()
-    args = run.args
-    args.output_dir = str(shard_dir(run.output, k) / "trainer")
+    train_dataset = with_replay(run.train_sets[k], run.train_sets[:k], run.config.replay_fraction, seed=run.args.seed + k)
+    args = copy.copy(run.args)  # this shard's: its own Trainer folder and, under --max_steps, what is left of them
+    args.output_dir = str(RunDir(run.output).shard(k) / TRAINER_DIR)
+    if run.max_steps is not None:
+        args.max_steps = min(update_steps(len(train_dataset), args), run.max_steps - offset)
     if run.state.is_main_process:
         last_complete_checkpoint(Path(args.output_dir), remove_torn=True)
     run.state.wait_for_everyone()
     resume_from = last_complete_checkpoint(Path(args.output_dir), remove_torn=False)
     if resume_from is not None:
         print(f"shard {k}: resuming from {resume_from}", flush=True)
-    train_dataset = with_replay(run.train_sets[k], run.train_sets[:k], run.config.replay_fraction, seed=args.seed + k)
     trainer = ShardTrainer(
         model=starting_model(run, k, resume_from),
         args=args,
@@ -579,13 +586,13 @@ def train_shard(run: Run, k: int, offset: int, stop: StopRequest, callbacks: Seq
             flush=True,
         )
         return None
-    logits = trainer.predict(run.val_dataset).predictions
-    probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    # the path evaluate, report and predict take: same batches, same precision, whatever this run's --bf16
+    probs = predict_probabilities(trainer.model, run.validation.dataset, args.per_device_eval_batch_size, run.validation.study_ids)
     scores, calibrator, _ = score_predictions(probs, run.validation, run.prevalence, run.pooling, seed=args.seed)
     steps = trainer.state.global_step
     row = {
         "shard": k,
-        "shard_path": chunking.train_shards(run.manifest)[k]["path"],
+        "shard_path": train_shards(run.manifest)[k]["path"],
         "global_step": offset + steps,
         "shard_steps": steps,
         "world_size": args.world_size,
@@ -595,10 +602,14 @@ def train_shard(run: Run, k: int, offset: int, stop: StopRequest, callbacks: Seq
         "elapsed_s": round(time.time() - start, 1),
     }
     if run.state.is_main_process:
-        save_shard(trainer, shard_dir(run.output, k), row, run, calibrator)
+        save_shard(trainer, RunDir(run.output).shard(k), row, run, calibrator)
     # the next shard loads this one's weights on every process
     run.state.wait_for_everyone()
     return row
+
+
+# A subscriber to "shard saved": called on the main process after each shard is done (see run_training).
+ShardListener = Callable[[ShardSaved], None]
 
 
 def run_training(
@@ -607,55 +618,37 @@ def run_training(
     args: TrainingArguments,
     callbacks: Sequence[TrainerCallback] = (),
     augment: AugmentConfig | None = None,
+    on_shard_saved: Sequence[ShardListener] = (),
 ) -> RunResult:
     """Train shard after shard, continuing a run folder where an earlier invocation stopped.
 
-    `augment` sets the augmentation used when `config.augment` is on (default: `AugmentConfig()`).
+    `augment` sets the augmentation used when `config.augment` is on (default: `AugmentConfig()`). The run
+    folder is `args.output_dir`. Each of `on_shard_saved` is called (main process) with a `ShardSaved` once
+    a shard's checkpoint is marked done and the run's files say so (`vit_spine.hub.ShardPusher` pushes it).
     """
-    output = Path(config.output)
+    refuse_not_honoured(args)  # also for a plain TrainingArguments given from Python, before the folder is made
+    output = Path(args.output_dir)
     if output.exists() and not output.is_dir():
-        raise NotADirectoryError(f"--output {output}: a file, not a folder")
+        raise NotADirectoryError(f"--output_dir {output}: a file, not a folder")
     lock = FolderLock(output, "vit-spine train") if PartialState().is_main_process else contextlib.nullcontext()
     with lock:
-        return _run_training(config, pooling, args, callbacks, augment)
-
-
-def finished_rows(output: Path) -> list[dict]:
-    """The metrics rows of the run's finished shards, from their checkpoints (the marker holds the row),
-    in shard order. metrics.jsonl is derived from them, so a kill between the two cannot lose a row."""
-    rows = []
-    for folder in sorted(output.glob("shard_*")):
-        meta_path = folder / CHECKPOINT_META
-        if meta_path.is_file():
-            rows.append(read_checkpoint_meta(folder)["metrics"])  # a damaged one is named, with the fix
-    return sorted(rows, key=lambda row: row["shard"])
+        return _run_training(config, pooling, args, callbacks, augment, on_shard_saved)
 
 
 def write_run_files(run: Run, rows: list[dict]) -> None:
-    """metrics.jsonl, `best` and all_results.json from the finished rows: each rewritten whole, atomically."""
-    path = run.output / METRICS_FILE
-    if not run.state.is_main_process or (not rows and not path.exists()):
-        return
-    metrics = "".join(json.dumps(row) + "\n" for row in rows)
-    if not path.is_file() or path.read_text() != metrics:
-        write_text_atomic(path, metrics)
-    best = best_row(rows, run.config.min_delta)
-    if best is not None:
-        link = run.output / "best"
-        if not link.is_symlink() or os.readlink(link) != shard_dir(run.output, best["shard"]).name:
-            point_best(run.output, best["shard"])
-        write_summary(run.output, rows, best)
+    """metrics.jsonl, `best` and all_results.json from the finished rows (main process; `RunDir.write_rows`)."""
+    if run.state.is_main_process:
+        RunDir(run.output).write_rows(rows, run.config.min_delta)
 
 
-def _run_training(config, pooling, args, callbacks, augment) -> RunResult:
+def _run_training(config, pooling, args, callbacks, augment, on_shard_saved: Sequence[ShardListener]) -> RunResult:
     run = prepare_run(config, pooling, args, augment or AugmentConfig())
-    rows = finished_rows(run.output)
+    rows = RunDir(run.output).finished_rows()
     write_run_files(run, rows)  # repairs what a kill between a shard's checkpoint and these files left
     done = {row["shard"] for row in rows}
     stop = StopRequest()
     stop.install()
     interrupted = False
-    pusher = ShardPusher(run) if run.hub_model_id and run.state.is_main_process else None
     try:
         for k in range(len(run.train_sets)):
             best = best_row(rows, config.min_delta)
@@ -668,6 +661,9 @@ def _run_training(config, pooling, args, callbacks, augment) -> RunResult:
                 print("stopped between shards; run the same command again to continue.", flush=True)
                 break
             offset = max((r["global_step"] for r in rows), default=0)
+            if run.max_steps is not None and offset >= run.max_steps:
+                print(f"--max_steps {run.max_steps} reached after shard {max(done)}", flush=True)
+                break
             row = train_shard(run, k, offset, stop, callbacks)
             if row is None:
                 interrupted = True
@@ -677,149 +673,82 @@ def _run_training(config, pooling, args, callbacks, augment) -> RunResult:
             write_run_files(run, rows)
             best = best_row(rows, config.min_delta)
             print(format_table([row]).splitlines()[-1], flush=True)
-            if pusher is not None:
-                pusher.submit(k, is_best=best["shard"] == k)
+            if run.state.is_main_process:
+                for listener in on_shard_saved:
+                    listener(ShardSaved(RunDir(run.output), k, is_best=best["shard"] == k))
             if k - best["shard"] >= config.patience:
                 print(f"early stopping: {config.patience} shard(s) without improvement since shard {best['shard']}")
     finally:
         stop.uninstall()
-        failed_pushes = pusher.finish() if pusher is not None else []
-    for failure in failed_pushes:
-        print(f"push failed: {failure.summary()}")
     best = best_row(rows, config.min_delta)
-    return RunResult(
-        rows=rows,
-        best_shard=None if best is None else best["shard"],
-        interrupted=interrupted,
-        failed_pushes=failed_pushes,
-    )
-
-
-class ShardPusher:
-    """Pushes finished shards to the Hub in a background thread, one at a time and in order, so that
-    the next shard trains during the upload (a ViT-B/16 checkpoint is about 350 MB).
-
-    The thread is a daemon: huggingface_hub's HTTP calls have no timeout, and Ctrl-C while the run
-    waits for a stalled upload at its end must still end the process (the checkpoints stay on disk).
-    """
-
-    def __init__(self, run: Run) -> None:
-        self.run = run
-        self.queue: queue.Queue = queue.Queue()
-        self.pending: list[tuple[int, Future]] = []
-        threading.Thread(target=self._work, name="hub-push", daemon=True).start()
-
-    def submit(self, k: int, is_best: bool) -> None:
-        """Plan shard k's commit now (its model card reads metrics.jsonl), upload it in the background."""
-        from vit_spine.hub import plan_push
-
-        plan = plan_push(shard_dir(self.run.output, k), self.run.hub_model_id, self.run.output, is_best, None)
-        future: Future = Future()
-        self.queue.put((plan, future))
-        self.pending.append((k, future))
-
-    def finish(self) -> list:
-        """Wait for every push; returns the PushResults of those that failed."""
-        self.queue.put(None)
-        waiting = [k for k, future in self.pending if not future.done()]
-        if waiting:
-            print(f"waiting for the Hub push of {self._names(waiting)} (Ctrl-C abandons it)", flush=True)
-        try:
-            # Wake up every second: a Ctrl-C that the kernel hands to the push thread only raises here
-            # when this thread runs Python code again.
-            futures = [future for _, future in self.pending]
-            while wait(futures, timeout=1.0).not_done:
-                pass
-        except KeyboardInterrupt:
-            unfinished = [k for k, future in self.pending if not future.done()]
-            print(
-                f"abandoned the Hub push of {self._names(unfinished)}; the checkpoints are kept: push them with "
-                f"`vit-spine push {self.run.output}/shard_XXXXX --repo-id {self.run.hub_model_id}`",
-                flush=True,
-            )
-            raise
-        results = [future.result() for _, future in self.pending]
-        return [result for result in results if not result.ok]
-
-    @staticmethod
-    def _names(shards: list[int]) -> str:
-        return "shard(s) " + ", ".join(f"{k:05d}" for k in shards)
-
-    def _work(self) -> None:
-        while (job := self.queue.get()) is not None:
-            plan, future = job
-            try:
-                future.set_result(self._send(plan))
-            except BaseException as error:  # a bug here must reach finish(), not leave it waiting
-                future.set_exception(error)
-
-    def _send(self, plan):
-        from vit_spine.hub import PushResult, send_push
-
-        repo_id = self.run.hub_model_id
-        try:
-            result = send_push(plan, repo_id, private=bool(self.run.args.hub_private_repo))
-        except Exception as error:  # noqa: BLE001 - reported like any failed push; training goes on
-            result = PushResult(False, plan.checkpoint, repo_id, plan.revision, 1, error=f"{type(error).__name__}: {error}")
-        print(result.summary(), flush=True)
-        return result
+    return RunResult(rows=rows, best_shard=None if best is None else best["shard"], interrupted=interrupted)
 
 
 def save_shard(trainer: Trainer, directory: Path, row: dict, run: Run, calibrator) -> None:
     """Weights, trainer state and vit_spine.json; vit_spine.json is written last and marks the shard done."""
     trainer.save_model(str(directory))
-    trainer.state.save_to_json(str(directory / "trainer_state.json"))
-    meta = {
-        "format": 1,
+    trainer.state.save_to_json(str(directory / TRAINER_STATE_FILE))
+    write_checkpoint_meta(directory, {
         "shard": row["shard"],
         "metrics": row,
         "preprocess": run.manifest["preprocess"],
         "pooling": asdict(run.pooling),
         "calibration": None if calibrator is None else calibrator.to_dict(),
-        "model": run.config.model,
+        "model": run.config.model_name_or_path,
         "model_config": run.config.model_config,
         "seed": run.args.seed,  # seeds the cross-fitted calibration folds; evaluate reuses it
         "baseline_prevalence": run.prevalence.tolist(),  # of the training studies; evaluate's baseline
-    }
-    meta["files"] = file_record(directory, checkpoint_weight_files(directory))  # checked whenever it is loaded
-    flush_folder_files(directory)  # the weights are on disk before the marker says "done"
-    tmp = directory / (CHECKPOINT_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    durable_replace(tmp, directory / CHECKPOINT_META)
+    })
     if not run.config.keep_trainer_checkpoints:
-        shutil.rmtree(directory / "trainer", ignore_errors=True)
+        shutil.rmtree(directory / TRAINER_DIR, ignore_errors=True)
 
 
-def write_summary(output: Path, rows: list[dict], best: dict) -> None:
-    summary = {
-        "best_shard": best["shard"],
-        "best_weighted_log_loss": best["weighted_log_loss"],
-        "baseline_weighted_log_loss": best["baseline_weighted_log_loss"],
-        "shards_trained": len(rows),
-        "global_step": max(r["global_step"] for r in rows),
-    }
-    write_json_atomic(output / "all_results.json", summary, indent=2)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_arguments(argv: Sequence[str] | None) -> tuple[TrainConfig, PoolingConfig, AugmentConfig, ShardTrainingArguments]:
+    """The command line of `vit-spine train`: our options plus every TrainingArguments one, checked."""
     config, pooling, augment, args = parse_config(
         TrainConfig,
         argv,
         prog="vit-spine train",
         description=__doc__.split("\n")[0],
-        extra_types=(PoolingConfig, AugmentConfig, TrainingArguments),
+        extra_types=(PoolingConfig, AugmentConfig, ShardTrainingArguments),
         defaults=training_defaults(),
     )
-    from vit_spine import options
-
     options.training_arguments(args)
+    return config, pooling, augment, fit_loader_options(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, pooling, augment, args = parse_arguments(argv)
     if args.disable_tqdm:  # transformers' own bars too (saving, loading weights): the Trainer's option covers only its own
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    result = run_training(config, pooling, fit_loader_options(args), augment=augment)
+    run = RunDir(Path(args.output_dir))
+    pusher = shard_pusher(args)
+    try:
+        result = run_training(config, pooling, args, augment=augment, on_shard_saved=[pusher] if pusher else [])
+    finally:
+        failed_pushes = pusher.finish() if pusher is not None else []
+    for failure in failed_pushes:
+        print(f"push failed: {failure.summary()}")
     if PartialState().is_main_process:
         print()
         print(format_table(result.rows))
-        print(f"\nmetrics: {Path(config.output) / METRICS_FILE}; best checkpoint: {Path(config.output) / 'best'}")
-    return 130 if result.interrupted else (1 if result.failed_pushes else 0)
+        print(f"\nmetrics: {run.metrics_path}; best checkpoint: {run.best_link}")
+    return 130 if result.interrupted else (1 if failed_pushes else 0)
+
+
+def shard_pusher(args: TrainingArguments):
+    """`--push_to_hub`: a `vit_spine.hub.ShardPusher` for the main process (None without it, and on the other
+    processes); the per-shard Trainer's own pushing is turned off, the pusher pushes each finished shard."""
+    if not args.push_to_hub:
+        return None
+    if not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id NAME (e.g. you/vit-spine)")
+    args.push_to_hub = False
+    if not PartialState().is_main_process:
+        return None
+    # The command wires the hub in; the shard loop knows it only as a subscriber to its ShardSaved event.
+    from vit_spine.hub import ShardPusher
+
+    return ShardPusher(args.hub_model_id, private=bool(args.hub_private_repo), token=args.hub_token)

@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from vit_spine import options
+from vit_spine.options import parse_config
+
 REAL_SLICES = 711_000  # slices in the RSNA 2022 training set
 
 
@@ -48,8 +51,6 @@ class ChunkBenchConfig:
     )
 
     def __post_init__(self) -> None:
-        from vit_spine import options
-
         self.workers = options.capped_workers(self.workers, minimum=0)
         for name in ("image_size", "shard_size", "repeats"):
             options.at_least(getattr(self, name), 1, f"--{name}")
@@ -59,8 +60,6 @@ class ChunkBenchConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vit_spine.cli import parse_config
-
     (config,) = parse_config(
         ChunkBenchConfig,
         argv,
@@ -179,7 +178,7 @@ def run(config: ChunkBenchConfig) -> dict[str, float]:
             decode_cpu.append(cpu_seconds() - cpu)
             out = tmp / f"chunks_{rep}"
             options = ChunkConfig(
-                out=str(out), slice_table=str(tmp / "slices.parquet"), shard_size=config.shard_size,
+                output_dir=str(out), slice_table=str(tmp / "slices.parquet"), shard_size=config.shard_size,
                 workers=config.workers, progress=False, rank=0, world_size=1,
             )
             with PeakMemory() as peak:

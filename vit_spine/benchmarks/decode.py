@@ -29,7 +29,7 @@ from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_modality_lut, pixel_array
 from tqdm import tqdm
 
-from vit_spine.cli import parse_config
+from vit_spine.options import parse_config
 from vit_spine.dicom import JPEG_LOSSLESS_SYNTAXES, encode_jpeg_lossless, read_hu
 
 BASELINES = ("pydicom+gdcm", "pydicom+pylibjpeg")

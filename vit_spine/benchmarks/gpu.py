@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vit_spine.cli import parse_config
+from vit_spine import options
+from vit_spine.options import parse_config
 
 TRAIN_FLOPS_PER_FORWARD = 3  # the backward pass costs about twice the forward
 H200_BF16_TFLOPS = 790.0
@@ -116,8 +117,6 @@ class GpuBenchConfig:
         largest = max(self.batch_list + [self.variant_batch_size])
         if self.num_slices < largest:
             raise ValueError(f"--num_slices {self.num_slices} is smaller than the largest batch ({largest})")
-        from vit_spine import options
-
         if self.workers is not None:
             self.workers = options.capped_workers(self.workers, minimum=0)
         options.at_least(self.patch_size, 1, "--patch_size")
@@ -180,6 +179,8 @@ def write_random_shard(folder: Path, num_slices: int, image_size: int, slices_pe
     import pyarrow as pa
 
     from vit_spine import shards
+    from vit_spine.artifacts import write_shard_meta
+    from vit_spine.schema import NUM_SLICE_TARGETS, NUM_STUDY_TARGETS, VISIBLE
 
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
@@ -187,15 +188,15 @@ def write_random_shard(folder: Path, num_slices: int, image_size: int, slices_pe
     with pa.OSFile(str(folder / shards.ARROW_FILE), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for study, start in enumerate(range(0, num_slices, slices_per_study)):
             n = min(slices_per_study, num_slices - start)
-            labels = (rng.random((n, shards.NUM_LABELS)) < 0.05).astype(np.float32)
-            labels[: n // 10, 7:] = np.nan  # some unknown visibility, masked in the loss as in real shards
+            labels = (rng.random((n, NUM_SLICE_TARGETS)) < 0.05).astype(np.float32)
+            labels[: n // 10, VISIBLE] = np.nan  # some unknown visibility, masked in the loss as in real shards
             pixels = rng.integers(0, 256, (n, 1, image_size, image_size), dtype=np.uint8)
             writer.write_batch(shards.record_batch(
-                pixels, labels, np.zeros((n, shards.NUM_STUDY_LABELS), np.float32), [f"1.2.826.0.{study}"] * n,
+                pixels, labels, np.zeros((n, NUM_STUDY_TARGETS), np.float32), [f"1.2.826.0.{study}"] * n,
                 np.arange(1, n + 1), np.arange(n, dtype=np.float32), schema,
             ))
     shards.write_dataset_files(folder, schema, "train", f"{seed:016x}")
-    (folder / shards.SHARD_META).write_text(f'{{"num_slices": {num_slices}, "neighbor_offset": 1}}\n')
+    write_shard_meta(folder, {"num_slices": num_slices, "neighbor_offset": 1})
     return folder
 
 
@@ -303,7 +304,7 @@ class Row:
 
 
 def new_model(config: GpuBenchConfig, variant: Variant, device: torch.device):
-    from vit_spine.model import create_model
+    from vit_spine.models import create_model
 
     with device:  # initialised on the device: ViT-B's random init takes seconds on a CPU
         model = create_model(model_config=config.model_config, image_size=config.image_size, seed=config.seed,
@@ -315,7 +316,7 @@ def new_model(config: GpuBenchConfig, variant: Variant, device: torch.device):
 def time_model_alone(config: GpuBenchConfig, variant: Variant, batch: int, device: torch.device, bf16: bool) -> float:
     """img/s of forward + backward + clipped AdamW step on one batch that is already on the device."""
     from vit_spine.data import model_input
-    from vit_spine.model import MaskedBCELoss
+    from vit_spine.models import MaskedBCELoss
 
     model = new_model(config, variant, device).train()
     forward = torch.compile(model, backend=config.compile_backend) if variant.compile else model
@@ -369,7 +370,7 @@ def time_full_path(config: GpuBenchConfig, variant: Variant, batch: int, dataset
     from transformers.trainer_callback import PrinterCallback
 
     from vit_spine.data import AugmentConfig
-    from vit_spine.model import MaskedBCELoss
+    from vit_spine.models import MaskedBCELoss
     from vit_spine.train import StopRequest, collate
 
     clock = WaitClock(device)
@@ -514,8 +515,11 @@ def run(config: GpuBenchConfig) -> list[Row]:
         ceiling = f"; ceiling at 100 % MFU {peak_tflops * 1e12 / (TRAIN_FLOPS_PER_FORWARD * forward_flops):.0f} img/s" if peak_tflops else ""
         print(f"best full path: {best.full_rate:.1f} img/s ({best.variant}, batch {best.batch}), MFU "
               f"{percent(mfu(best.full_rate, forward_flops, peak_tflops))}{ceiling}")
+        from vit_spine.inference import autocast_dtype
+
+        precision = "fp32" if autocast_dtype(device) is None else "bf16"  # the rule predict's forward passes follow
         for batch, rate in time_predict(config, dataset, device).items():
-            print(f"predict (Predictor.slice_probabilities, uint8 host batches, {'bf16' if device.type == 'cuda' else 'fp32'}): "
+            print(f"predict (Predictor.slice_probabilities, uint8 host batches, {precision}): "
                   f"batch {batch}: {rate:.1f} slices/s")
         del dataset
     print(f"total {time.perf_counter() - began:.0f} s")

@@ -24,6 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vit_spine import options
+from vit_spine.options import parse_config
+
 
 @dataclass
 class LoaderBenchConfig:
@@ -37,16 +40,12 @@ class LoaderBenchConfig:
     )
 
     def __post_init__(self) -> None:
-        from vit_spine import options
-
         for name in ("batch_size", "batches", "repeats", "threads"):
             options.at_least(getattr(self, name), 1, f"--{name}")
         options.folder_path(self.shard, "SHARD")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vit_spine.cli import parse_config
-
     (config,) = parse_config(
         LoaderBenchConfig,
         argv,
@@ -78,12 +77,10 @@ def run(config: LoaderBenchConfig) -> dict[str, float]:
         write_npy(ours, npy)
         memmap = np.load(npy, mmap_mode="r")
         def batch_datasets(indices: np.ndarray) -> torch.Tensor:
-            pixels = hf[indices.tolist()]["pixel_values"]
-            if ours.neighbors is None:
-                return pixels
-            # a one-channel 'bone25d' shard: the same 3-channel batch, neighbours read through datasets too
-            below, above = (hf[rows[indices].tolist()]["pixel_values"] for rows in ours.neighbors)
-            return torch.cat([below, pixels, above], dim=1)
+            # the same 3-channel batch, every row the channel layout reads (neighbours too) through datasets
+            parts = [hf[run.rows[indices].tolist()]["pixel_values"][:, run.stored : run.stored + run.count]
+                     for run in ours.plan]
+            return torch.cat(parts, dim=1)
 
         ways: dict[str, Callable[[np.ndarray], torch.Tensor]] = {
             "ours": lambda indices: collate(ours.__getitems__(indices.tolist()))["pixel_values"],

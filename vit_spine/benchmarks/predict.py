@@ -17,7 +17,6 @@ speed does not depend on the weights. DIR is a study folder or a folder of study
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -26,14 +25,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vit_spine.cli import parse_config
+from vit_spine import options
+from vit_spine.options import parse_config
 
 METHODS = ("end to end", "decode only", "model only")
 
 
 @dataclass
 class PredictBenchConfig:
-    checkpoint: str = field(metadata={"help": "a run folder or a shard checkpoint (created with --model_config)."})
+    checkpoint: str = field(
+        metadata={"help": "a run folder or a shard checkpoint (created with --model_config).",
+                  "aliases": options.aliases("model_name_or_path")}
+    )
     dir: str = field(metadata={"help": "a study folder or a folder of study folders (.dcm)."})
     limit: int = field(default=0, metadata={"help": "use at most this many studies (sorted by name); 0 = all."})
     repeats: int = field(default=3, metadata={"help": "timed passes per method, interleaved."})
@@ -48,21 +51,19 @@ class PredictBenchConfig:
     def __post_init__(self) -> None:
         if self.limit < 0 or self.repeats < 1 or self.batch_size < 1 or self.workers < 0:
             raise ValueError("--limit and --workers must be >= 0; --repeats and --batch_size >= 1")
-        from vit_spine import options
-
         self.workers = options.capped_workers(self.workers, minimum=0)
         options.device(self.device)
         options.at_least(self.image_size, 8, "--image_size")
 
 
 def write_random_checkpoint(folder: Path, model_config: str, image_size: int) -> None:
-    from vit_spine.evaluation import CHECKPOINT_META, PoolingConfig
-    from vit_spine.model import create_model
+    from vit_spine.artifacts import write_checkpoint_meta
+    from vit_spine.evaluation import PoolingConfig
+    from vit_spine.models import create_model
     from vit_spine.preprocess import PreprocessConfig
 
     create_model(model_config=model_config, image_size=image_size).save_pretrained(folder)
-    meta = {
-        "format": 1,
+    write_checkpoint_meta(folder, {
         "shard": 0,  # the checkpoint format's field is an integer; `note` says this one was never trained
         "note": "random-init checkpoint written by `vit-spine bench predict --model_config`; not trained",
         "preprocess": PreprocessConfig(image_size=image_size).to_dict(),
@@ -70,8 +71,7 @@ def write_random_checkpoint(folder: Path, model_config: str, image_size: int) ->
         "calibration": None,
         "model_config": model_config,
         "metrics": {},
-    }
-    (folder / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
+    })
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vit_spine.cli import parse_config
+from vit_spine.options import parse_config
 
 
 @dataclass

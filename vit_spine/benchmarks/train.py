@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vit_spine.cli import parse_config
+from vit_spine import options
+from vit_spine.options import parse_config
 
 
 @dataclass
@@ -33,8 +34,6 @@ class BenchTrainConfig:
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast in both paths (GPU)."})
 
     def __post_init__(self) -> None:
-        from vit_spine import options
-
         for name in ("image_size", "batch_size", "steps", "repeats"):
             options.at_least(getattr(self, name), 1, f"--{name}")
         self.workers = options.capped_workers(self.workers, minimum=0)
@@ -64,7 +63,7 @@ def run_trainer(model, dataset, config: BenchTrainConfig, workdir: str) -> float
     from transformers import TrainingArguments
 
     from vit_spine.data import AugmentConfig
-    from vit_spine.model import MaskedBCELoss
+    from vit_spine.models import MaskedBCELoss
     from vit_spine.train import ShardTrainer, collate
 
     args = TrainingArguments(
@@ -83,7 +82,7 @@ def run_plain_loop(model, dataset, config: BenchTrainConfig) -> float:
     from torch.utils.data import DataLoader, RandomSampler
 
     from vit_spine.data import AugmentConfig, model_input
-    from vit_spine.model import MaskedBCELoss
+    from vit_spine.models import MaskedBCELoss
     from vit_spine.train import collate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,7 +116,7 @@ def run_plain_loop(model, dataset, config: BenchTrainConfig) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     (config,) = parse_config(BenchTrainConfig, argv, prog="vit-spine bench train", description=__doc__.split("\n")[0])
     from vit_spine.data import ShardDataset
-    from vit_spine.model import create_model
+    from vit_spine.models import create_model
 
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(config.shard) if config.shard else random_shard(Path(tmp) / "shard", config.image_size,
