@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from vit_spine import cli
 from vit_spine.chunk import ChunkConfig, chunk
@@ -64,7 +65,13 @@ def test_bench_lists_the_benchmarks_and_refuses_an_unknown_one(capsys):
 
 def test_bench_loader_compares_uint8_batches_with_memmap_and_datasets(small_chunks, capsys):
     shard = small_chunks / "shard_00000"
-    assert cli.main(["bench", "loader", str(shard), "--batch_size", "16", "--batches", "2", "--repeats", "3"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the bench times at --threads 1; the process's own setting must come back
+    try:
+        assert cli.main(["bench", "loader", str(shard), "--batch_size", "16", "--batches", "2", "--repeats", "3"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     slices = len(ShardDataset(shard))
     assert out.startswith(f"shard {shard}: {slices} slices of (3, 32, 32) uint8, batch 16, 2 batches x 3 interleaved "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from kill_run import CONFIG, POINTS
@@ -61,7 +62,9 @@ def reference_run(toy_chunks, tmp_path_factory) -> Path:
 
 
 def killed_run(point: str, chunks: Path, out: Path) -> None:
-    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # the same torch thread count as this process's reference and resumed runs: float sums depend on it
+    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                   "OMP_NUM_THREADS": str(torch.get_num_threads())}
     result = subprocess.run([sys.executable, str(TESTS / "kill_run.py"), point, str(chunks), str(out)],
                             env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == -signal.SIGKILL, f"{point}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -316,6 +317,8 @@ def test_ctrl_c_while_waiting_for_a_stalled_push_ends_the_wait_and_names_the_sha
     monkeypatch.setattr(hub, "send_push", stalled_upload)
     pusher = hub.ShardPusher("alice/spine")
     pusher(ShardSaved(RunDir(tmp_path), 0, is_best=True))
+    # interrupt_main does nothing unless Python's own SIGINT handler is the installed one
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Timer(0.5, _thread.interrupt_main).start()
     watchdog = threading.Timer(15, release.set)  # a wait that ignores the Ctrl-C fails the test, never hangs it
     watchdog.start()
@@ -327,6 +330,7 @@ def test_ctrl_c_while_waiting_for_a_stalled_push_ends_the_wait_and_names_the_sha
     finally:
         release.set()
         watchdog.cancel()
+        signal.signal(signal.SIGINT, previous_handler)
     out = capsys.readouterr().out
     assert "waiting for the Hub push of shard(s) 00000" in out
     assert f"abandoned the Hub push of shard(s) 00000; the checkpoints are kept: push them with `vit-spine push {tmp_path}/" in out

@@ -58,12 +58,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(config: LoaderBenchConfig) -> dict[str, float]:
+    """Times the ways at `config.threads` torch threads; the caller's thread count is restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return measure(config)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def measure(config: LoaderBenchConfig) -> dict[str, float]:
     import datasets
 
     from vit_spine.data import AugmentConfig, ShardDataset, model_input
     from vit_spine.train import collate
 
-    torch.set_num_threads(config.threads)
     ours = ShardDataset(config.shard)
     n = len(ours)
     if n == 0:
