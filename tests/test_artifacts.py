@@ -64,7 +64,7 @@ def test_the_checkpoint_meta_is_written_as_train_always_wrote_it(tmp_path):
     expected = {"format": 1, **meta, "files": files}
     assert (tmp_path / "vit_spine.json").read_text() == json.dumps(expected, indent=2)
     assert written == expected == read_checkpoint_meta(tmp_path)
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".tmp-*"))  # no temporary file left
     verify_checkpoint(tmp_path, written)
     (tmp_path / "model.safetensors").write_bytes(b"wEights")
     with pytest.raises(DamagedFile, match="model.safetensors has another checksum than was written"):

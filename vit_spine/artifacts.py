@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vit_spine.fs import DamagedFile, check_files, durable_replace, file_record, flush_folder_files, read_json
+from vit_spine.fs import DamagedFile, check_files, file_record, flush_folder_files
 from vit_spine.fs import write_json_atomic, write_text_atomic
 from vit_spine.schema import (
     ALL_RESULTS_FILE,
@@ -62,11 +62,8 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
     path = directory / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest; run `vit-spine chunk DATA_DIR --output_dir {directory}` first")
-    try:
-        manifest = read_json(path, "manifest")
-    except ValueError as error:
-        raise ValueError(f"{error}: delete it and run the same `vit-spine chunk` command again, or chunk into a new "
-                         "--output_dir folder") from error
+    manifest = load_json(path, "the manifest is damaged or cut short: delete it and run the same `vit-spine chunk` "
+                               "command again, or chunk into a new --output_dir folder")
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(
             f"{path}: manifest format {manifest.get('format')!r}, this vit-spine reads {MANIFEST_FORMAT}; "
@@ -120,7 +117,8 @@ def plan_fingerprint(manifest: dict[str, Any]) -> str:
 
 def read_shard_meta(folder: Path) -> dict[str, Any]:
     """A shard folder's vit_spine_shard.json (ValueError naming it when damaged)."""
-    return read_json(Path(folder) / SHARD_META_FILE, "shard's metadata")
+    return load_json(Path(folder) / SHARD_META_FILE, "the shard's metadata is damaged or cut short: delete the shard "
+                     "folder and run the same `vit-spine chunk` command again")
 
 
 def write_shard_meta(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -155,9 +153,7 @@ def write_checkpoint_meta(checkpoint: Path, meta: dict[str, Any]) -> dict[str, A
     meta = {"format": CHECKPOINT_META_FORMAT, **meta}
     meta["files"] = file_record(checkpoint, checkpoint_weight_files(checkpoint))  # checked whenever it is loaded
     flush_folder_files(checkpoint)  # the weights are on disk before the marker says "done"
-    tmp = checkpoint / (CHECKPOINT_META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    durable_replace(tmp, checkpoint / CHECKPOINT_META_FILE)
+    write_text_atomic(checkpoint / CHECKPOINT_META_FILE, json.dumps(meta, indent=2))
     return meta
 
 

@@ -94,14 +94,6 @@ def write_json_atomic(path: Path, content: Any, indent: int = 1) -> bool:
     return True
 
 
-def read_json(path: Path, what: str) -> Any:
-    """JSON of a file this tool wrote; ValueError naming the file when it is not valid JSON."""
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error}); the {what} is damaged or cut short") from error
-
-
 # ---------------------------------------------------------------- one process per folder
 
 
