@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scan": ("vit_spine.scan", "read every DICOM header of a dataset into the slice table (Parquet)"),
     "chunk": ("vit_spine.chunk", "preprocess slices into ~15k-slice training shards plus a validation shard"),
     "train": ("vit_spine.train", "fine-tune a ViT on one shard after another, with early stopping"),
+    "pretrain": ("vit_spine.pretrain", "self-supervised ViTMAE pretraining on the shards' pixels (labels unused)"),
     "evaluate": ("vit_spine.evaluation", "score a checkpoint on the validation shard"),
     "predict": ("vit_spine.predict", "predict new studies and write a Kaggle submission"),
     "push": ("vit_spine.hub", "push a checkpoint to the Hugging Face Hub"),
