@@ -35,7 +35,7 @@ def write_checkpoint(folder: Path) -> Path:
     """A tiny random-init ViT saved the way train saves a shard (weights, config.json, vit_spine.json)."""
     create_model(model_config="tiny", image_size=IMAGE_SIZE).save_pretrained(folder)
     write_checkpoint_meta(folder, {"shard": 0, "preprocess": PreprocessConfig(image_size=IMAGE_SIZE).to_dict(),
-                                   "pooling": asdict(PoolingConfig()), "calibration": None, "metrics": {},
+                                   "pooling": asdict(PoolingConfig(aggregator="max")), "calibration": None, "metrics": {},
                                    "baseline_prevalence": [0.5] * 8})
     return folder
 

@@ -28,7 +28,7 @@ SCORES = [0.6000, 0.5500, 0.5800]  # shard 1 is the run's best
 BASELINE = 0.5638
 # as chunk writes them into the manifest and train copies them into vit_spine.json
 PREPROCESS = PreprocessConfig(image_size=32, channels="windows", windows="400:1800,50:400,40:80").to_dict()
-POOLING = asdict(PoolingConfig())
+POOLING = asdict(PoolingConfig(aggregator="max"))
 UPLOADED = ("model.safetensors", "config.json", "vit_spine.json", "trainer_state.json")
 
 
@@ -150,7 +150,7 @@ def test_model_card_has_metric_table_preprocessing_labels_and_loading(run_dir):
     assert "ViTForImageClassification.from_pretrained(\"alice/spine-run\")" in card
     assert "| channels | `windows` |" in card and "| windows | `400:1800,50:400,40:80` |" in card
     assert "| image_size | `32` |" in card and "| crop | `1.0` |" in card
-    assert "| slice_pool | `max` |" in card and "| patient_pool | `max` |" in card
+    assert "| aggregator | `max` |" in card and "| patient_pool | `max` |" in card
     assert "(n_slices, 3, 32, 32)" in card
 
 

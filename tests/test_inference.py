@@ -114,7 +114,7 @@ def test_report_rescoring_uses_the_runs_seed_and_matches_the_runs_score(best, tr
     config = report.ReportConfig(run_dir=str(trained_run), output_dir=str(tmp_path / "report"), num_studies=0,
                                  num_saliency_slices=0, batch_size=16)
     report.build_report(config)
-    assert seeds == [0]
+    assert seeds == [0, 0, 0]  # max, topk, sequence: each aggregator's score calibrated on the run's folds
     page = (tmp_path / "report" / "index.html").read_text()
     run_row = next(row for row in RunDir(trained_run).read_rows() if row["shard"] == meta["shard"])
     assert f"Re-scored here on {run_row['num_val_studies']} validation studies" in page

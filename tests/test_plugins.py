@@ -156,7 +156,7 @@ def test_the_checkpoint_names_the_toy_backbone_and_loads_as_it(toy_run):
 
 
 def test_predict_gives_every_study_its_eight_rows_pooled_by_the_toy_aggregator(toy_run, synth_data):
-    assert json.loads((toy_run["run"] / "best" / "vit_spine.json").read_text())["pooling"]["slice_pool"] == "toy_mean"
+    assert json.loads((toy_run["run"] / "best" / "vit_spine.json").read_text())["pooling"]["aggregator"] == "toy_mean"  # given as the old --slice_pool
     submission = pd.read_csv(toy_run["submission"]).set_index("row_id")["fractured"]
     studies = pd.read_csv(synth_data / "test.csv")["StudyInstanceUID"].unique()
     assert len(studies) == 3 and len(submission) == 3 * 8

@@ -28,7 +28,7 @@ def write_checkpoint(folder: Path, calibration: dict | None, preprocess: Preproc
     write_checkpoint_meta(folder, {
         "shard": 0,
         "preprocess": (preprocess or PreprocessConfig(image_size=IMAGE_SIZE)).to_dict(),
-        "pooling": asdict(PoolingConfig()),
+        "pooling": asdict(PoolingConfig(aggregator="max")),
         "calibration": calibration,
         "metrics": {},
         "baseline_prevalence": PRIOR,
@@ -131,7 +131,7 @@ def test_slice_scores_are_z_sorted_and_max_pooled_without_calibration(uncalibrat
         truth = ground_truth[ground_truth["StudyInstanceUID"] == uid].set_index("slice_number")["z"]
         np.testing.assert_allclose(group["z"].to_numpy(), truth.loc[group["slice_number"]].to_numpy())
         vertebra = group[[f"fracture_{v}" for v in VERTEBRAE]].max().to_numpy()
-        expected = np.clip([vertebra.max(), *vertebra], EPS, 1 - EPS)  # default pooling: max, then max
+        expected = np.clip([vertebra.max(), *vertebra], EPS, 1 - EPS)  # the checkpoint's pooling: max, then max
         got = result.submission.set_index("row_id").loc[[f"{uid}_{t}" for t in STUDY_TARGETS], "fractured"]
         np.testing.assert_allclose(got.to_numpy(), expected, rtol=1e-12)
 

@@ -46,7 +46,7 @@ def assert_same_run(reference: Path, resumed: Path, shards: int = 2) -> None:
         for name in a:
             assert (a[name] == b[name]).all(), f"shard {k}: {name} differs after the resume"
     rows_a, rows_b = metrics_rows(reference), metrics_rows(resumed)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "train_loss")} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "seconds", "train_loss")} for r in rows]
     assert strip(rows_a) == strip(rows_b)
     for ra, rb in zip(rows_a, rows_b):  # the same per-step losses, perhaps summed in another grouping
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-12) and ra["train_loss"] > 0

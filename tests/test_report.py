@@ -29,14 +29,17 @@ class Drawn:
     scatter_points: list[int]  # points of each scatter
     images: list[tuple[int, ...]]  # shapes of the images that are not one flat colour
     texts: list[str]  # text placed in the axes (notes such as "only one class")
+    legend: list[str]  # the legend's entries
 
 
 def drawn(ax) -> Drawn:
     lines = [int(np.isfinite(np.asarray(line.get_ydata(), float)).sum()) for line in ax.get_lines()]
-    bars = sum(p.get_height() for p in ax.patches if isinstance(p, matplotlib.patches.Rectangle))
+    heights = [p.get_height() for p in ax.patches if isinstance(p, matplotlib.patches.Rectangle)]
+    bars = sum(h for h in heights if np.isfinite(h))  # an undefined AUC is a NaN bar: nothing drawn
     scatters = [len(c.get_offsets()) for c in ax.collections if isinstance(c, matplotlib.collections.PathCollection)]
     images = [im.get_array().shape for im in ax.get_images() if np.ptp(np.asarray(im.get_array(), float)) > 0]
-    return Drawn(lines, float(bars), scatters, images, [t.get_text() for t in ax.texts])
+    legend = [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []
+    return Drawn(lines, float(bars), scatters, images, [t.get_text() for t in ax.texts], legend)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def test_every_figure_is_a_png_of_its_stated_size(report, trained_run):
     index, figures = report
     assert index == trained_run / "report" / "index.html"
     kinds = [figure_kind(f.path) for f in figures]
-    assert kinds[:4] == ["shard_scores", "training_loss", "roc_curves", "calibration"]
+    assert kinds[:5] == ["shard_scores", "training_loss", "roc_curves", "calibration", "aggregators"]
     assert kinds.count("profile") == 2 and kinds.count("saliency") == 2
     for figure in figures:
         with Image.open(figure.path) as image:
@@ -106,8 +109,19 @@ def test_every_figure_draws_its_data(built, trained_run):
     studies = round(histogram.bar_height / 2 / 8)  # raw and calibrated, 8 targets per study
     assert studies > 0 and histogram.bar_height == 2 * 8 * studies
 
+    # every aggregator's AUC per target (the re-scored best checkpoint), and its loss on every shard it was scored on
+    auc_bars, losses = drawings["aggregators.png"]
+    best = json.loads((trained_run / "best" / "vit_spine.json").read_text())["metrics"]
+    assert list(best["aggregators"]) == ["max", "topk", "sequence"]
+    defined = [v for scores in best["aggregators"].values() for v in scores["auc"].values() if v is not None]
+    assert auc_bars.bar_height == pytest.approx(sum(defined), rel=1e-3)
+    assert auc_bars.line_points == [2]  # the chance line
+    assert losses.line_points == [shards, shards, shards, shards]  # max, topk, sequence (fitted from shard 0 on), baseline
+
     for k in range(2):
         fractures, visibility = drawings[f"profile_{k:02d}.png"]
+        # each vertebra's study probability from every aggregator
+        assert len(fractures.legend) == 7 and all(re.search(r"max \d\.\d\d, topk \d\.\d\d, sequence \d\.\d\d$", e) for e in fractures.legend)
         assert len(fractures.line_points) == 7 and len(set(fractures.line_points)) == 1 and fractures.line_points[0] > 1
         assert visibility.line_points == fractures.line_points  # one visibility line per vertebra, same slices
 

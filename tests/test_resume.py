@@ -48,7 +48,7 @@ def assert_same_run(a: Path, b: Path, shards: int) -> None:
             assert (wa[name] == wb[name]).all(), f"shard {k}: {name} differs after resume"
     rows_a = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(l) for l in (b / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "train_loss")} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "seconds", "train_loss")} for r in rows]
     assert strip(rows_a) == strip(rows_b)
     # the training loss of the whole shard, also when it was resumed (a stop adds a log at its checkpoint,
     # so the same per-step losses are summed in another grouping: equal up to float rounding)

@@ -76,9 +76,11 @@ def test_metrics_rows_files_and_best(toy_chunks, tmp_path):
 
 @pytest.mark.parametrize("patience", [1, 2])
 def test_early_stopping_stops_after_patience_shards(toy_chunks, tmp_path, patience):
-    # learning rate 0: every shard scores exactly the same, so nothing after shard 0 is an improvement
+    # learning rate 0 and a fixed aggregator: every shard scores exactly the same, so nothing after shard 0 is an
+    # improvement (a learned aggregator would still learn from more studies at every shard)
     out = tmp_path / "run"
-    rows = run(toy_chunks, out, patience=patience, args={"learning_rate": 0.0})
+    rows = run(toy_chunks, out, patience=patience, args={"learning_rate": 0.0},
+               pooling=PoolingConfig(aggregator="max", calibration_folds=2))
     assert [r["shard"] for r in rows] == list(range(patience + 1))
     assert len({r["weighted_log_loss"] for r in rows}) == 1
     assert (out / "best").resolve() == (out / "shard_00000").resolve()

@@ -31,6 +31,7 @@ from vit_spine.schema import (
     CHECKPOINT_META_FILE,
     MANIFEST_FILE,
     METRICS_FILE,
+    OUT_OF_SAMPLE_FILE,
     RUN_CONFIG_FILE,
     SHARD_CHECKPOINT_DIR,
     SHARD_META_FILE,
@@ -131,7 +132,9 @@ def write_shard_meta(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 # --- checkpoint meta --------------------------------------------------------------------------
 
-WEIGHT_FILES = ("config.json",)  # besides the *.safetensors: what `from_pretrained` needs
+# besides the *.safetensors (the model, a learned aggregator's head): what `from_pretrained` needs, and the
+# out-of-sample logits that the next shards' aggregator fits read
+WEIGHT_FILES = ("config.json", OUT_OF_SAMPLE_FILE)
 CHECKPOINT_FIX = "use another shard's checkpoint, or delete {name}/{meta} and run the same `vit-spine train` command again to train it anew"
 
 

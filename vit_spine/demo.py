@@ -148,6 +148,8 @@ def run_demo(config: DemoConfig) -> None:
     print("\n=== per shard: validation weighted log loss (cross-fitted calibration), raw, the constant-prevalence "
           "baseline on the same studies, AUC")
     print(evaluation.format_table(rows))
+    print("\n=== every aggregator side by side (validation weighted log loss, mean AUC C1-C7)")
+    print(evaluation.format_aggregator_table(rows))
     print(f"\ndemo finished in {time.time() - started:.0f} s: data {data}, shards {chunks}, run {output}")
     print(f"submission: {submission}\nreport: {output / 'report' / 'index.html'}")
 

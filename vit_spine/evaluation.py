@@ -9,6 +9,7 @@ one metrics table: plain text (the commands' output), markdown (the Hub model ca
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vit_spine import metrics, options
-from vit_spine.aggregate import aggregate_studies, aggregator_names, make_aggregator
+from vit_spine.aggregate import Aggregator, aggregate_studies, aggregator_names, check_patient_pool, make_aggregator, saved_aggregators
 from vit_spine.artifacts import default_chunks, load_manifest, read_checkpoint_meta, resolve_checkpoint, train_shards, verify_checkpoint
 from vit_spine.options import aliases, parse_config
 from vit_spine.schema import EVAL_RESULTS_FILE, STUDY_TARGETS, VERTEBRAE
@@ -27,21 +28,47 @@ if TYPE_CHECKING:
 
 @dataclass
 class PoolingConfig:
-    slice_pool: str = field(
-        default="max",
-        metadata={"help": "the aggregator that turns a study's slice scores into its 8 probabilities (vit_spine.aggregate; "
-                  f"built in: {', '.join(aggregator_names())})."},
+    aggregator: str = field(
+        default="sequence",
+        metadata={"help": "the aggregator that turns a study's slice scores into its 8 probabilities and by which the best "
+                  "shard is chosen and predict, evaluate, report and the model card work (vit_spine.aggregate; built in: "
+                  f"{', '.join(aggregator_names())}). Every aggregator is scored after each shard (metrics.jsonl "
+                  "`aggregators`).", "aliases": aliases("slice_pool")},
     )
     patient_pool: str = field(
-        default="max", metadata={"help": "the max aggregator's vertebra -> patient rule: max or noisy_or."}
+        default="max", metadata={"help": "the max and topk aggregators' vertebra -> patient rule: max or noisy_or."}
     )
+    topk: int = field(default=3, metadata={"help": "the topk aggregator's k: a vertebra is the mean of its k most suspicious slices."})
+    sequence_hidden: int = field(default=16, metadata={"help": "the sequence aggregator's GRU size (per direction)."})
+    sequence_members: int = field(
+        default=3, metadata={"help": "the sequence aggregator is the mean of this many GRU heads fitted from different seeds."}
+    )
+    sequence_max_length: int = field(
+        default=64, metadata={"help": "the sequence aggregator reads at most this many z bins (a longer study is max-pooled into them)."}
+    )
+    sequence_epochs: int = field(default=150, metadata={"help": "full-batch passes of the sequence aggregator's fit."})
     calibration_folds: int = field(
         default=5,
         metadata={"help": "folds for the cross-fitted calibration of the reported score (0 = no calibration)."},
     )
 
     def __post_init__(self) -> None:
-        make_aggregator(self)  # an unknown --slice_pool or --patient_pool is refused when it is parsed
+        options.at_least(self.topk, 1, "--topk")
+        options.at_least(self.sequence_hidden, 1, "--sequence_hidden")
+        options.at_least(self.sequence_members, 1, "--sequence_members")
+        options.at_least(self.sequence_max_length, 1, "--sequence_max_length")
+        options.at_least(self.sequence_epochs, 1, "--sequence_epochs")
+        check_patient_pool(self)  # a bad --patient_pool or --aggregator is refused when it is parsed
+        make_aggregator(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> PoolingConfig:
+        """The pooling a checkpoint recorded (`vit_spine.json` `pooling`); one saved before `aggregator` was the
+        field's name recorded it as `slice_pool`."""
+        saved = dict(saved)
+        if "slice_pool" in saved:
+            saved.setdefault("aggregator", saved.pop("slice_pool"))
+        return cls(**saved)
 
 
 def study_label_matrix(validation: ValidationSet, uids: np.ndarray) -> np.ndarray:
@@ -52,42 +79,66 @@ def study_label_matrix(validation: ValidationSet, uids: np.ndarray) -> np.ndarra
     return validation.study_labels[[first_row[u] for u in uids]].astype(np.float64)
 
 
+def score_studies(raw: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> tuple[dict, np.ndarray]:
+    """One aggregator's study probabilities scored: ({weighted_log_loss (cross-fitted calibration),
+    weighted_log_loss_uncalibrated, auc}, the calibrated probabilities)."""
+    calibrated = metrics.cross_fitted_calibration(labels, raw, n_folds=folds, seed=seed) if folds > 1 else raw
+    auc = metrics.per_vertebra_auc(labels, raw)
+    scores = {
+        "weighted_log_loss": float(metrics.weighted_log_loss(labels, calibrated)),
+        "weighted_log_loss_uncalibrated": float(metrics.weighted_log_loss(labels, raw)),
+        "auc": {k: (None if np.isnan(v) else float(v)) for k, v in auc.items()},
+    }
+    return scores, calibrated
+
+
 def score_predictions(
     slice_probs: np.ndarray,
     validation: ValidationSet,
     baseline_prevalence: np.ndarray,
     pooling: PoolingConfig,
     seed: int = 0,
+    aggregators: dict[str, Aggregator] | None = None,
 ) -> tuple[dict, "metrics.Calibrator | None", dict[str, np.ndarray]]:
-    """Aggregate slice probabilities (n, 14) to studies (`pooling.slice_pool`) and score them.
+    """Aggregate slice probabilities (n, 14) to studies with each of `aggregators` (default: `pooling.aggregator`
+    alone) and score them.
 
-    Returns (metrics row, calibrator fitted on all validation studies for use at predict time,
-    arrays {uids, raw, calibrated, labels} for reports). The reported `weighted_log_loss` is the
-    cross-fitted one: no study is scored by a calibrator that saw its own labels.
+    Returns (metrics row, calibrator of the chosen aggregator fitted on all validation studies for use at
+    predict time, arrays {uids, raw, calibrated, labels} of the chosen one plus {NAME: raw} of every one, for
+    reports). The row's top-level scores are the chosen aggregator's: `pooling.aggregator`, or `max` when
+    that one is not among `aggregators` (a learned head not fitted yet); `aggregator` names it and
+    `aggregators` holds every one's scores. The reported `weighted_log_loss` is the cross-fitted one: no study
+    is scored by a calibrator that saw its own labels.
     """
-    uids, raw = aggregate_studies(make_aggregator(pooling), validation.study_ids, slice_probs)
+    if aggregators is None:
+        aggregators = {pooling.aggregator: make_aggregator(pooling)}
+    chosen = pooling.aggregator if pooling.aggregator in aggregators else "max"
+    if chosen not in aggregators:
+        aggregators = {**aggregators, "max": make_aggregator(pooling, "max")}
+    pooled = {name: aggregate_studies(aggregator, validation.study_ids, slice_probs) for name, aggregator in aggregators.items()}
+    uids = pooled[chosen][0]
     labels = study_label_matrix(validation, uids)
     labelled = ~np.isnan(labels).any(axis=1)
-    uids, raw, labels = uids[labelled], raw[labelled], labels[labelled]
+    uids, labels = uids[labelled], labels[labelled]
     if len(uids) == 0:
         raise ValueError("the validation shards hold no labelled study: nothing to score")
 
-    calibrator = None
-    calibrated = raw
-    if pooling.calibration_folds > 1:
-        calibrated = metrics.cross_fitted_calibration(labels, raw, n_folds=pooling.calibration_folds, seed=seed)
-        calibrator = metrics.Calibrator().fit(labels, raw)
+    per_aggregator, arrays = {}, {"uids": uids, "labels": labels}
+    for name, (_, raw) in pooled.items():
+        per_aggregator[name], calibrated = score_studies(raw[labelled], labels, pooling.calibration_folds, seed)
+        arrays[name] = raw[labelled]
+        if name == chosen:
+            arrays["raw"], arrays["calibrated"] = raw[labelled], calibrated
+    calibrator = metrics.Calibrator().fit(labels, arrays["raw"]) if pooling.calibration_folds > 1 else None
     baseline = np.broadcast_to(baseline_prevalence, labels.shape)
-    auc = metrics.per_vertebra_auc(labels, raw)
     row = {
-        "weighted_log_loss": float(metrics.weighted_log_loss(labels, calibrated)),
-        "weighted_log_loss_uncalibrated": float(metrics.weighted_log_loss(labels, raw)),
+        **per_aggregator[chosen],
         "baseline_weighted_log_loss": float(metrics.weighted_log_loss(labels, baseline)),
-        "auc": {k: (None if np.isnan(v) else float(v)) for k, v in auc.items()},
+        "aggregator": chosen,
+        "aggregators": per_aggregator,
         "num_val_studies": int(len(uids)),
         "num_val_slices": int(len(slice_probs)),
     }
-    arrays = {"uids": uids, "raw": raw, "calibrated": calibrated, "labels": labels}
     return row, calibrator, arrays
 
 
@@ -112,7 +163,6 @@ def table_cells(row: dict) -> list[str]:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     auc = row.get("auc") or {}
-    vertebra_auc = [auc[v] for v in VERTEBRAE if auc.get(v) is not None]
     return [
         "-" if row.get("shard") is None else f"{row['shard']:05d}",
         str(row.get("global_step", "n/a")),
@@ -120,7 +170,7 @@ def table_cells(row: dict) -> list[str]:
         number(row.get("weighted_log_loss_uncalibrated"), 4),
         number(row.get("baseline_weighted_log_loss"), 4),
         number(auc.get(STUDY_TARGETS[0]), 3),
-        number(float(np.mean(vertebra_auc)) if vertebra_auc else None, 3),
+        number(mean_vertebra_auc(auc), 3),
         number(row.get("train_loss"), 4),
     ]
 
@@ -139,8 +189,37 @@ def format_table(rows: list[dict], style: str = "text", best_shard: int | None =
         if current_shard is not None and row.get("shard") == current_shard:
             cells[0] = f"**{cells[0]}** (this checkpoint)" if style == "markdown" else f"{cells[0]} (this checkpoint)"
         body.append(cells)
+    return render_table(TABLE_HEADER, body, style)
+
+
+def mean_vertebra_auc(auc: dict) -> float | None:
+    """The mean of the C1-C7 AUCs that are defined (None when none is)."""
+    values = [auc[v] for v in VERTEBRAE if auc.get(v) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def format_aggregator_table(rows: list[dict], style: str = "text") -> str:
+    """Every aggregator side by side, one row per shard: its validation weighted log loss (cross-fitted calibration)
+    and mean C1-C7 AUC; "-" where it was not scored (a learned one before it had studies to learn from)."""
+    names = list(dict.fromkeys(name for row in rows for name in row.get("aggregators", {})))
+    header = ("shard", "chosen", *(f"{name} {what}" for name in names for what in ("wll", "AUC C1-C7")), "baseline wll")
+    body = []
+    for row in rows:
+        cells = [f"{row['shard']:05d}", str(row.get("aggregator", "max"))]
+        for name in names:
+            scores = row.get("aggregators", {}).get(name)
+            mean_auc = None if scores is None else mean_vertebra_auc(scores["auc"])
+            cells += ["-", "-"] if scores is None else [f"{scores['weighted_log_loss']:.4f}", "n/a" if mean_auc is None else f"{mean_auc:.3f}"]
+        body.append([*cells, f"{row['baseline_weighted_log_loss']:.4f}"])
+    return render_table(header, body, style)
+
+
+def render_table(header: Sequence[str], body: list[list[str]], style: str) -> str:
+    """Cells as an aligned text table, a markdown table or an HTML table."""
+    if style not in TABLE_STYLES:
+        raise ValueError(f"style {style!r}: choose one of {', '.join(TABLE_STYLES)}")
     if style == "markdown":
-        lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---:|" * len(TABLE_HEADER)]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
     if style == "html":
         import html
@@ -148,10 +227,10 @@ def format_table(rows: list[dict], style: str = "text", best_shard: int | None =
         def tr(cells, tag):
             return "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>"
 
-        return "\n".join(["<table>", tr(TABLE_HEADER, "th"), *(tr(cells, "td") for cells in body), "</table>"])
-    widths = [max([len(h), *(len(cells[i]) for cells in body)]) for i, h in enumerate(TABLE_HEADER)]
-    header = " ".join(h.rjust(w) for h, w in zip(TABLE_HEADER, widths))
-    return "\n".join([header, "-" * len(header), *(" ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in body)])
+        return "\n".join(["<table>", tr(header, "th"), *(tr(cells, "td") for cells in body), "</table>"])
+    widths = [max([len(h), *(len(cells[i]) for cells in body)]) for i, h in enumerate(header)]
+    top = " ".join(h.rjust(w) for h, w in zip(header, widths))
+    return "\n".join([top, "-" * len(top), *(" ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in body)])
 
 
 @dataclass
@@ -205,7 +284,7 @@ class Scored:
     row: dict  # the metrics row (score_predictions), with checkpoint, chunks, shard
     slice_probs: np.ndarray  # (n, 14) per validation slice, in manifest order
     validation: ValidationSet
-    studies: dict[str, np.ndarray]  # {uids, raw, calibrated, labels}: the labelled studies
+    studies: dict[str, np.ndarray]  # {uids, raw, calibrated, labels, and NAME: raw of each aggregator}: the labelled studies
 
 
 def matching_manifest(chunks: Path, checkpoint: Path, meta: dict) -> dict:
@@ -229,9 +308,10 @@ def score_checkpoint(
 
     validation = load_validation(chunks, manifest)
     probs = predict_probabilities(model, validation.dataset, batch_size, validation.study_ids)
-    pooling = PoolingConfig(**meta.get("pooling", {}))
+    pooling = PoolingConfig.from_dict(meta.get("pooling", {}))
+    make_aggregator(pooling, checkpoint=checkpoint)  # the chosen one must be there: a missing head is named
     row, _, studies = score_predictions(probs, validation, checkpoint_prevalence(meta, chunks, manifest), pooling,
-                                        seed=checkpoint_seed(meta, seed))
+                                        seed=checkpoint_seed(meta, seed), aggregators=saved_aggregators(pooling, checkpoint))
     row = {"checkpoint": str(checkpoint), "chunks": str(chunks), "shard": meta.get("shard"), **row}
     return Scored(row, probs, validation, studies)
 

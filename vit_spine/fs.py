@@ -69,8 +69,8 @@ def durable_replace(source: Path, target: Path) -> None:
     flush_to_disk(target.parent)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, flushed, then renamed.
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, flushed, then renamed.
 
     The temporary name is fixed per target (the folder lock keeps writers apart), so a write killed
     half-way leaves a `.tmp-NAME` that the next write of the same file simply replaces.
@@ -78,11 +78,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     partial = path.with_name(f"{TMP_PREFIX}{path.name}")
     try:
-        partial.write_text(text)
+        partial.write_bytes(data)
         durable_replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`write_bytes_atomic` of `text` (UTF-8)."""
+    write_bytes_atomic(path, text.encode())
 
 
 def write_json_atomic(path: Path, content: Any, indent: int = 1) -> bool:

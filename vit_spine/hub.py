@@ -38,7 +38,7 @@ from pathlib import Path
 
 from vit_spine import options
 from vit_spine.artifacts import RunDir, ShardSaved, best_row, read_checkpoint_meta, resolve_checkpoint
-from vit_spine.evaluation import format_table
+from vit_spine.evaluation import format_aggregator_table, format_table
 from vit_spine.options import aliases, parse_config
 from vit_spine.schema import CHECKPOINT_META_FILE, EVAL_RESULTS_FILE, TRAINER_STATE_FILE
 
@@ -164,9 +164,16 @@ visible = probs[:, 7:]   # vertebra C1..C7 visible in the slice
 
 The {len(labels)} sigmoid outputs (multi-label), in this order: {", ".join(f"`{name}`" for name in labels)}.
 
-Per study, slice scores are pooled to vertebrae and vertebrae to the patient:
+Per study, slice scores are pooled to vertebrae and the patient by the `{pooling.get("aggregator", "max")}` aggregator
+(`max`: a vertebra's most suspicious slice; `topk`: the mean of its k most suspicious; `sequence`: a small
+bidirectional GRU over the study's z-ordered slice logits, fitted on studies the slice model had not trained on,
+stored as `aggregator_sequence.safetensors`):
 
 {key_value_table(pooling) if pooling else "(pooling not recorded)"}
+
+Every aggregator on the validation studies, per shard (weighted log loss with cross-fitted calibration, mean AUC C1-C7):
+
+{format_aggregator_table(sorted(rows, key=lambda r: r["shard"]), "markdown") if any("aggregators" in r for r in rows) else "(not recorded)"}
 
 Calibration: {calibration}. `vit-spine predict` applies the preprocessing, pooling and calibration of
 `vit_spine.json` and writes a Kaggle submission.
@@ -182,6 +189,9 @@ resized to {size} px, stored as uint8:
 
 - `model.safetensors`, `config.json`: the `ViTForImageClassification` weights and config
 - `vit_spine.json`: shard index, validation metrics, preprocessing, pooling, calibration
+- `aggregator_sequence.safetensors` (when the run fitted it): the sequence aggregator's head
+- `next_shard_logits.npz` (shards before the last): this model's logits of the next shard's studies, what the
+  later shards' sequence heads were fitted on
 - `trainer_state.json`: the Trainer's log of this shard
 """
 

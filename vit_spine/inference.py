@@ -61,6 +61,8 @@ def read_pixels(slices: np.ndarray | torch.utils.data.Dataset, rows: np.ndarray)
         return slices[rows]
     if hasattr(slices, "read_uint8"):  # a ShardDataset: one copy out of the memory map
         return slices.read_uint8(rows)
+    if isinstance(slices, torch.utils.data.Subset) and hasattr(slices.dataset, "read_uint8"):  # some studies of a shard
+        return slices.dataset.read_uint8(np.asarray(slices.indices)[rows])
     if isinstance(slices, torch.utils.data.ConcatDataset):
         part = bisect.bisect_right(slices.cumulative_sizes, int(rows[0]))
         offset = slices.cumulative_sizes[part - 1] if part else 0

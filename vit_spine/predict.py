@@ -125,6 +125,7 @@ class Predictor:
     model: object  # ViTForImageClassification, in eval mode on `device`
     preprocess: object  # PreprocessConfig
     pooling: object  # PoolingConfig
+    aggregator: object  # the checkpoint's aggregator (vit_spine.aggregate), a learned one loaded from the checkpoint
     calibrator: object | None  # metrics.Calibrator fitted on the validation studies, or None
     device: object  # torch.device
     prior: np.ndarray  # (8,) the training prevalence: what a study that cannot be read is given
@@ -138,9 +139,9 @@ class Predictor:
     def study_probabilities(self, uid: str, slice_probs: np.ndarray) -> np.ndarray:
         """(n, 14) slice probabilities of one study -> (8,) [patient_overall, C1..C7]: the checkpoint's aggregator
         (as evaluation pools), then its calibrator (when there is one) and the clip to [EPS, 1 - EPS]."""
-        from vit_spine.aggregate import aggregate_studies, make_aggregator
+        from vit_spine.aggregate import aggregate_studies
 
-        _, probs = aggregate_studies(make_aggregator(self.pooling), np.full(len(slice_probs), uid, dtype=object), slice_probs)
+        _, probs = aggregate_studies(self.aggregator, np.full(len(slice_probs), uid, dtype=object), slice_probs)
         if self.calibrator is not None:
             probs = self.calibrator.transform(probs)
         return np.clip(np.asarray(probs, dtype=np.float64), EPS, 1.0 - EPS)[0]
@@ -171,8 +172,9 @@ def load_predictor(checkpoint: str | Path, device: str = "auto") -> Predictor:
     if "preprocess" not in meta:
         raise ValueError(f"{path}: vit_spine.json has no `preprocess` entry; cannot know how to render slices")
     preprocess = PreprocessConfig.from_dict(meta["preprocess"])
-    pooling = PoolingConfig(**meta.get("pooling", {}))
-    make_aggregator(pooling)  # an aggregator this install does not know fails here, before any study is read
+    pooling = PoolingConfig.from_dict(meta.get("pooling", {}))
+    # an aggregator this install does not know, or a learned one the checkpoint lacks, fails here, before any study is read
+    aggregator = make_aggregator(pooling, checkpoint=path)
     calibrator = metrics.Calibrator.from_dict(meta["calibration"]) if meta.get("calibration") else None
     torch_device = pick_device(device)
     model = load_model(path).to(torch_device).eval()
@@ -183,7 +185,7 @@ def load_predictor(checkpoint: str | Path, device: str = "auto") -> Predictor:
         )
     # Checkpoints older than the prior's introduction carry no prevalence: 0.5 is the honest "don't know".
     prior = np.clip(np.asarray(meta.get("baseline_prevalence", [0.5] * len(STUDY_TARGETS)), np.float64), EPS, 1.0 - EPS)
-    return Predictor(path, model, preprocess, pooling, calibrator, torch_device, prior)
+    return Predictor(path, model, preprocess, pooling, aggregator, calibrator, torch_device, prior)
 
 
 def holds_dicom_files(folder: Path) -> bool:

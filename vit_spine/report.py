@@ -50,6 +50,7 @@ SIZES = {  # (width, height) in pixels
     "calibration": (1200, 500),
     "profile": (1200, 600),
     "saliency": (1200, 520),
+    "aggregators": (1400, 500),
 }
 VERTEBRA_COLORS = dict(zip(VERTEBRAE, plt.get_cmap("tab10").colors))
 TARGET_COLORS = {"patient_overall": "black", **VERTEBRA_COLORS}
@@ -147,7 +148,7 @@ class ValidationPredictions:
     slice_labels: np.ndarray  # (n, 14), NaN unknown
     shards: list  # ShardDataset per validation shard, in order
     scores: dict  # evaluation's metrics row for the best checkpoint
-    studies: dict  # {uids, raw, calibrated, labels}: pooled study arrays (labelled studies)
+    studies: dict  # {uids, raw, calibrated, labels, NAME: raw of each aggregator}: pooled study arrays (labelled studies)
 
     def read_uint8(self, index: int) -> np.ndarray:
         """The stored uint8 (3, S, S) pixels of validation slice `index`."""
@@ -315,6 +316,11 @@ def plot_profile(predictions: ValidationPredictions, study_index: int, path: Pat
     uid = studies["uids"][study_index]
     truth = studies["labels"][study_index]
     probs = studies["calibrated"][study_index]
+    names = list(predictions.scores["aggregators"])  # every aggregator's study probability, uncalibrated
+
+    def each(target: int) -> str:
+        return ", ".join(f"{name} {studies[name][study_index][target]:.2f}" for name in names)
+
     rows = np.nonzero(predictions.study_ids == uid)[0]
     rows = rows[np.argsort(predictions.zs[rows], kind="stable")]
     z = predictions.zs[rows]
@@ -332,7 +338,7 @@ def plot_profile(predictions: ValidationPredictions, study_index: int, path: Pat
             color=color,
             lw=3.0 if is_fractured else 1.2,
             ls="-" if is_fractured else "--",
-            label=f"{vertebra}{' (fractured)' if is_fractured else ''}  calibrated study p={probs[j + 1]:.2f}",
+            label=f"{vertebra}{' (fractured)' if is_fractured else ''}  p={probs[j + 1]:.2f} calibrated; {each(j + 1)}",
         )
         labelled = predictions.slice_labels[rows, j] == 1
         if labelled.any():
@@ -340,16 +346,45 @@ def plot_profile(predictions: ValidationPredictions, study_index: int, path: Pat
         ax_vis.plot(z, visible[:, j], color=color, lw=1.5)
     truth_text = ", ".join(fractured) if fractured else "none"
     ax.set(
-        title=f"Study {uid}: true fractured vertebrae: {truth_text}; patient p={probs[0]:.2f} (label {int(truth[0])})",
+        title=f"Study {uid}: true fractured vertebrae: {truth_text}; patient p={probs[0]:.2f} calibrated "
+              f"({predictions.scores['aggregator']}; {each(0)}) (label {int(truth[0])})",
         ylabel="slice fracture probability",
         ylim=(0, top),
     )
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), title="vertebra  (shaded: slices labelled fractured)", title_fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), title="vertebra: study p of each aggregator  "
+              "(shaded: slices labelled fractured)", title_fontsize=7)
     ax_vis.set(
         title="predicted visibility of each vertebra (same colours)", xlabel="z position (mm, ascending)",
         ylabel="p(visible)", ylim=(-0.02, 1.02),
     )
     for axis in (ax, ax_vis):
+        axis.grid(alpha=0.3)
+    return save(fig, path)
+
+
+def plot_aggregators(rows: list[dict], scores: dict, path: Path) -> Path:
+    """Left: each aggregator's AUC per target on the validation studies (the checkpoint's re-score). Right: each
+    aggregator's validation weighted log loss per shard (from metrics.jsonl), with the baseline."""
+    fig, (ax_auc, ax_loss) = new_figure("aggregators", ncols=2, gridspec_kw={"width_ratios": [1.6, 1]})
+    names = list(scores["aggregators"])
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        auc = scores["aggregators"][name]["auc"]
+        values = [np.nan if auc.get(t) is None else auc[t] for t in STUDY_TARGETS]
+        chosen = " (chosen)" if name == scores["aggregator"] else ""
+        ax_auc.bar(np.arange(len(STUDY_TARGETS)) + (i - (len(names) - 1) / 2) * width, values, width, label=f"{name}{chosen}")
+    ax_auc.axhline(0.5, color="grey", ls=":", lw=1)
+    ax_auc.set(xticks=range(len(STUDY_TARGETS)), xticklabels=STUDY_TARGETS, ylim=(0, 1.02), ylabel="AUC",
+               title="AUC per target and aggregator, validation studies")
+    ax_auc.legend(fontsize=8)
+    for name in names:
+        scored = [(r["shard"], r["aggregators"][name]["weighted_log_loss"]) for r in rows if name in r.get("aggregators", {})]
+        if scored:
+            ax_loss.plot(*zip(*scored), "o-", label=name)
+    ax_loss.plot([r["shard"] for r in rows], [r["baseline_weighted_log_loss"] for r in rows], "k--", label="baseline")
+    ax_loss.set(xlabel="shard", ylabel="weighted log loss (calibrated)", title="validation weighted log loss per shard")
+    ax_loss.legend(fontsize=8)
+    for axis in (ax_auc, ax_loss):
         axis.grid(alpha=0.3)
     return save(fig, path)
 
@@ -421,7 +456,7 @@ class Figure:
 
 
 def write_index(out: Path, run_dir: Path, checkpoint: Path, rows: list[dict], scores: dict, figures: list[Figure]) -> Path:
-    from vit_spine.evaluation import format_table
+    from vit_spine.evaluation import format_aggregator_table, format_table
 
     best = best_row(rows, RunDir(run_dir).min_delta())
     summary = (
@@ -445,6 +480,8 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;t
 <p>{summary}</p>
 <h2>Per shard</h2>
 {format_table(rows, "html", best_shard=best["shard"])}
+<h2>Aggregators per shard (validation weighted log loss, mean AUC C1-C7)</h2>
+{format_aggregator_table(rows, "html")}
 <h2>Figures</h2>
 {chr(10).join(sections)}
 </body></html>
@@ -489,6 +526,8 @@ def _build_report(config: ReportConfig, run_dir: Path, out: Path, rows: list[dic
     studies = predictions.studies
     figures.append(Figure(plot_roc_curves(studies["labels"], studies["raw"], out / "roc_curves.png"), "ROC curves per target, best checkpoint, validation studies."))
     figures.append(Figure(plot_calibration(studies["labels"], studies["raw"], studies["calibrated"], out / "calibration.png"), "Reliability of study probabilities before and after calibration."))
+    figures.append(Figure(plot_aggregators(rows, predictions.scores, out / "aggregators.png"),
+                          "Each aggregator side by side: AUC per vertebra (best checkpoint) and validation weighted log loss per shard."))
     for k, study_index in enumerate(choose_profile_studies(studies, config.num_studies)):
         figures.append(Figure(plot_profile(predictions, study_index, out / f"profile_{k:02d}.png"), f"Slice-score profile along z, study {studies['uids'][study_index]}."))
     torch.manual_seed(seed)

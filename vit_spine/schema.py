@@ -44,5 +44,8 @@ TRAINER_DIR = "trainer"  # in a shard's checkpoint: the Trainer's checkpoint-N f
 # checkpoint folder (one per shard)
 CHECKPOINT_META_FILE = "vit_spine.json"  # preprocessing, pooling, calibration, metrics; written last: "done"
 TRAINER_CHECKPOINT_COMPLETE_FILE = "vit_spine_complete.json"  # in a Trainer checkpoint-N: the "whole" marker
+# shard k's model's logits of the studies of training shard k+1 (which it never trained on): what the learned
+# aggregators are fitted on (`train`)
+OUT_OF_SAMPLE_FILE = "next_shard_logits.npz"
 EVAL_RESULTS_FILE = "eval_results.json"  # what `vit-spine evaluate` writes by default
 TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer's state of the shard: its log history (losses)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, get_schedu
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vit_spine import options
+from vit_spine.aggregate import Aggregator, aggregator_names, is_learned, make_aggregator
 from vit_spine.artifacts import (
     RunDir,
     ShardSaved,
@@ -46,12 +48,19 @@ from vit_spine.artifacts import (
     write_checkpoint_meta,
 )
 from vit_spine.data import AugmentConfig, ShardDataset, ValidationSet, balanced_sampler, collate_batch, load_validation, model_input
-from vit_spine.evaluation import PoolingConfig, format_table, score_predictions, train_prevalence
-from vit_spine.fs import FolderLock, check_files, file_record, flush_folder_files, write_json_atomic
-from vit_spine.inference import predict_probabilities
+from vit_spine.evaluation import PoolingConfig, format_aggregator_table, format_table, score_predictions, train_prevalence
+from vit_spine.fs import FolderLock, check_files, file_record, flush_folder_files, write_bytes_atomic, write_json_atomic
+from vit_spine.inference import predict_logits, predict_probabilities, sigmoid
 from vit_spine.models import IGNORE_INDEX, MaskedBCELoss, create_model, fracture_pos_weight, load_model
 from vit_spine.options import aliases, parse_config
-from vit_spine.schema import FRACTURES, MANIFEST_FILE, TRAINER_CHECKPOINT_COMPLETE_FILE, TRAINER_DIR, TRAINER_STATE_FILE
+from vit_spine.schema import (
+    FRACTURES,
+    MANIFEST_FILE,
+    OUT_OF_SAMPLE_FILE,
+    TRAINER_CHECKPOINT_COMPLETE_FILE,
+    TRAINER_DIR,
+    TRAINER_STATE_FILE,
+)
 
 
 @dataclass
@@ -92,6 +101,18 @@ class TrainConfig:
             "default: plain shuffling. Not combinable with --replay_fraction."
         },
     )
+    oos_fraction: float | None = field(
+        default=None,
+        metadata={"help": "share of the next training shard's studies that each shard's model predicts (studies it never "
+                  "trained on) for the learned aggregators to be fitted on; default min(1, 0.45 x --num_train_epochs): "
+                  "a forward pass costs about a third of a training step, so about 15 %% of the shard's training time. "
+                  "0: no learned aggregator."},
+    )
+    aggregator_history: int = field(
+        default=0,
+        metadata={"help": "fit the learned aggregators on the out-of-sample studies predicted by this many most recent "
+                  "shards' models (0: all of them)."},
+    )
     keep_trainer_checkpoints: bool = field(
         default=False,
         metadata={"help": "keep each finished shard's intermediate Trainer checkpoints (optimizer state; large)."},
@@ -121,6 +142,9 @@ class TrainConfig:
         options.at_least(self.min_delta, 0, "--min_delta")
         options.at_least(self.max_shards, 1, "--max_shards")
         options.positive(self.fracture_pos_weight_max, "--fracture_pos_weight_max")
+        if self.oos_fraction is not None and not 0 <= self.oos_fraction <= 1:
+            raise ValueError(f"--oos_fraction must be in [0, 1], got {self.oos_fraction}")
+        options.at_least(self.aggregator_history, 0, "--aggregator_history")
         if self.positive_fraction is not None:
             if not 0 < self.positive_fraction < 1:
                 raise ValueError(f"--positive_fraction must be in (0, 1), got {self.positive_fraction}")
@@ -478,6 +502,7 @@ class Run:
     state: PartialState
     output: Path  # the run folder, --output_dir (each shard's Trainer gets its own folder under it)
     max_steps: int | None  # --max_steps: optimizer steps of the whole run, None for no limit
+    oos_fraction: float  # --oos_fraction, resolved
 
 
 def prepare_run(config: TrainConfig, pooling: PoolingConfig, args: TrainingArguments, augment: AugmentConfig) -> Run:
@@ -506,6 +531,9 @@ def prepare_run(config: TrainConfig, pooling: PoolingConfig, args: TrainingArgum
         "preprocess": manifest["preprocess"],
         "manifest": plan_fingerprint(manifest),  # the shards it was built from: a re-chunk is refused
         "min_delta": config.min_delta,  # part of the one "best" rule
+        "aggregator": pooling.aggregator,  # so is the aggregator whose score it compares
+        "oos_fraction": oos_fraction(config, args),  # what the learned aggregators are fitted on
+        "aggregator_history": config.aggregator_history,
     }
     RunDir(output).check_run_config(identity)
     if state.is_main_process:
@@ -535,7 +563,13 @@ def prepare_run(config: TrainConfig, pooling: PoolingConfig, args: TrainingArgum
         state=state,
         output=output,
         max_steps=max_steps,
+        oos_fraction=oos_fraction(config, args),
     )
+
+
+def oos_fraction(config: TrainConfig, args: TrainingArguments) -> float:
+    """--oos_fraction, or its default: about 15 % of a shard's training time (a forward pass is about a third of a step)."""
+    return config.oos_fraction if config.oos_fraction is not None else min(1.0, 0.45 * args.num_train_epochs)
 
 
 def starting_model(run: Run, k: int, resume_from: str | None):
@@ -579,6 +613,7 @@ def train_shard(run: Run, k: int, offset: int, stop: StopRequest, callbacks: Seq
         augment=run.augment,
     )
     trainer.train(resume_from_checkpoint=resume_from)
+    train_s = time.time() - start
     if stop.requested and trainer.state.global_step < trainer.state.max_steps:
         print(
             f"stopped in shard {k} at step {trainer.state.global_step}; checkpoint in {args.output_dir}. "
@@ -588,7 +623,14 @@ def train_shard(run: Run, k: int, offset: int, stop: StopRequest, callbacks: Seq
         return None
     # the path evaluate, report and predict take: same batches, same precision, whatever this run's --bf16
     probs = predict_probabilities(trainer.model, run.validation.dataset, args.per_device_eval_batch_size, run.validation.study_ids)
-    scores, calibrator, _ = score_predictions(probs, run.validation, run.prevalence, run.pooling, seed=args.seed)
+    started = time.time()
+    oos = predict_out_of_sample(run, k, trainer.model, args.per_device_eval_batch_size)
+    oos_s = time.time() - started
+    started = time.time()
+    aggregators, fitted = fit_aggregators(run, k, oos)
+    fit_s = round(time.time() - started, 2)
+    scores, calibrator, _ = score_predictions(probs, run.validation, run.prevalence, run.pooling, seed=args.seed,
+                                              aggregators=aggregators)
     steps = trainer.state.global_step
     row = {
         "shard": k,
@@ -599,13 +641,103 @@ def train_shard(run: Run, k: int, offset: int, stop: StopRequest, callbacks: Seq
         "train_loss": shard_train_loss(trainer.state.log_history),  # the whole shard's, across resumes
         "train_slices": len(train_dataset),
         **scores,
+        "out_of_sample": {  # the next shard's studies this model predicted for the learned aggregators
+            "shard": None if oos is None else k + 1,
+            "studies": 0 if oos is None else len(np.unique(run.train_sets[k + 1].study_ids[oos.rows])),
+            "slices": 0 if oos is None else len(oos.rows),
+        },
+        "aggregator_fit": fitted,
+        # where the shard's time went: training (the Trainer), the out-of-sample pass, the learned aggregators' fit
+        "seconds": {"training": round(train_s, 1), "out_of_sample_inference": round(oos_s, 2), "aggregator_fit": fit_s},
         "elapsed_s": round(time.time() - start, 1),
     }
     if run.state.is_main_process:
-        save_shard(trainer, RunDir(run.output).shard(k), row, run, calibrator)
+        save_shard(trainer, RunDir(run.output).shard(k), row, run, calibrator, oos, aggregators)
     # the next shard loads this one's weights on every process
     run.state.wait_for_everyone()
     return row
+
+
+@dataclass
+class OutOfSample:
+    """Shard k's model's logits of some studies of training shard k+1: slices it never trained on."""
+
+    rows: np.ndarray  # int64 row indices into training shard k+1, whole studies, in shard order
+    logits: np.ndarray  # float32 (len(rows), 14)
+
+
+def out_of_sample_rows(study_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The rows of a seeded draw of ceil(fraction x studies) whole studies of a shard, in shard order."""
+    uids = np.unique(study_ids)
+    count = math.ceil(fraction * len(uids))
+    picked = np.random.default_rng(seed).choice(uids, size=count, replace=False) if count else uids[:0]
+    return np.flatnonzero(np.isin(study_ids, picked)).astype(np.int64)
+
+
+def predict_out_of_sample(run: Run, k: int, model, batch_size: int) -> OutOfSample | None:
+    """Shard k's model predicts `--oos_fraction` of the studies of training shard k+1 (None: no next shard, or 0)."""
+    if k + 1 >= len(run.train_sets) or run.oos_fraction == 0:
+        return None
+    shard = run.train_sets[k + 1]
+    rows = out_of_sample_rows(shard.study_ids, run.oos_fraction, seed=run.args.seed + k + 1)
+    logits = predict_logits(model, Subset(shard, rows.tolist()), batch_size, shard.study_ids[rows])
+    return OutOfSample(rows, logits.astype(np.float32))
+
+
+def write_out_of_sample(directory: Path, oos: OutOfSample) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, rows=oos.rows, logits=oos.logits)
+    write_bytes_atomic(directory / OUT_OF_SAMPLE_FILE, buffer.getvalue())
+
+
+def read_out_of_sample(checkpoint: Path) -> OutOfSample | None:
+    """The out-of-sample logits a finished shard's checkpoint holds (None: it had no next shard), checked
+    against the checkpoint's file record."""
+    path = checkpoint / OUT_OF_SAMPLE_FILE
+    if not path.is_file():
+        return None
+    verify_checkpoint(checkpoint, read_checkpoint_meta(checkpoint))
+    with np.load(path) as stored:
+        return OutOfSample(stored["rows"], stored["logits"])
+
+
+def out_of_sample_studies(run: Run, k: int, current: OutOfSample | None) -> tuple[list[np.ndarray], np.ndarray, list[str], list[int]]:
+    """(slice probabilities (n_i, 14) of each labelled out-of-sample study, their labels (m, 8), uids, the shards
+    they come from) of the models of shards k - history + 1 .. k: what the learned aggregators are fitted on.
+    Only training-shard studies, each predicted by a model that never trained on it."""
+    first = 0 if run.config.aggregator_history == 0 else max(0, k - run.config.aggregator_history + 1)
+    studies, labels, uids, shards = [], [], [], []
+    for j in range(first, k + 1):
+        oos = current if j == k else read_out_of_sample(RunDir(run.output).shard(j))
+        if oos is None:
+            continue
+        shard = run.train_sets[j + 1]
+        ids = shard.study_ids[oos.rows]
+        starts = np.concatenate([[0], np.flatnonzero(ids[1:] != ids[:-1]) + 1, [len(ids)]])
+        for a, b in zip(starts[:-1], starts[1:]):
+            label = shard.study_labels[oos.rows[a]]
+            if np.isnan(label).any():
+                continue
+            studies.append(sigmoid(oos.logits[a:b]))
+            labels.append(label)
+            uids.append(str(ids[a]))
+        shards.append(j + 1)
+    return studies, np.asarray(labels, dtype=np.float64).reshape(-1, 8), uids, shards
+
+
+def fit_aggregators(run: Run, k: int, current: OutOfSample | None) -> tuple[dict[str, Aggregator], dict]:
+    """Every registered aggregator ready to score shard k: the fixed ones as they are, the learned ones fitted on
+    `out_of_sample_studies` (left out while there is none). Returns them and what the fits learned from."""
+    studies, labels, uids, shards = out_of_sample_studies(run, k, current)
+    aggregators = {}
+    for name in aggregator_names():
+        aggregator = make_aggregator(run.pooling, name)
+        if is_learned(aggregator):
+            if not studies:
+                continue
+            aggregator.fit(studies, labels, uids, seed=run.args.seed + k)
+        aggregators[name] = aggregator
+    return aggregators, {"studies": len(studies), "shards": shards}
 
 
 # A subscriber to "shard saved": called on the main process after each shard is done (see run_training).
@@ -684,15 +816,23 @@ def _run_training(config, pooling, args, callbacks, augment, on_shard_saved: Seq
     return RunResult(rows=rows, best_shard=None if best is None else best["shard"], interrupted=interrupted)
 
 
-def save_shard(trainer: Trainer, directory: Path, row: dict, run: Run, calibrator) -> None:
-    """Weights, trainer state and vit_spine.json; vit_spine.json is written last and marks the shard done."""
+def save_shard(trainer: Trainer, directory: Path, row: dict, run: Run, calibrator, oos: OutOfSample | None,
+               aggregators: dict[str, Aggregator]) -> None:
+    """Weights, trainer state, the out-of-sample logits, the learned aggregators and vit_spine.json; vit_spine.json
+    is written last and marks the shard done."""
     trainer.save_model(str(directory))
     trainer.state.save_to_json(str(directory / TRAINER_STATE_FILE))
+    if oos is not None:
+        write_out_of_sample(directory, oos)
+    for aggregator in aggregators.values():
+        if is_learned(aggregator):
+            aggregator.save(directory)
     write_checkpoint_meta(directory, {
         "shard": row["shard"],
         "metrics": row,
         "preprocess": run.manifest["preprocess"],
-        "pooling": asdict(run.pooling),
+        # the aggregator the row was judged by (max while a learned one has nothing to be fitted on yet)
+        "pooling": {**asdict(run.pooling), "aggregator": row["aggregator"]},
         "calibration": None if calibrator is None else calibrator.to_dict(),
         "model": run.config.model_name_or_path,
         "model_config": run.config.model_config,
@@ -734,6 +874,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if PartialState().is_main_process:
         print()
         print(format_table(result.rows))
+        print("\nevery aggregator on the validation studies (weighted log loss, mean AUC C1-C7):")
+        print(format_aggregator_table(result.rows))
         print(f"\nmetrics: {run.metrics_path}; best checkpoint: {run.best_link}")
     return 130 if result.interrupted else (1 if failed_pushes else 0)
 

@@ -67,7 +67,7 @@ def write_random_checkpoint(folder: Path, model_config: str, image_size: int) ->
         "shard": 0,  # the checkpoint format's field is an integer; `note` says this one was never trained
         "note": "random-init checkpoint written by `vit-spine bench predict --model_config`; not trained",
         "preprocess": PreprocessConfig(image_size=image_size).to_dict(),
-        "pooling": asdict(PoolingConfig()),
+        "pooling": asdict(PoolingConfig(aggregator="max")),
         "calibration": None,
         "model_config": model_config,
         "metrics": {},
