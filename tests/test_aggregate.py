@@ -148,6 +148,7 @@ def test_topk_takes_the_mean_of_each_vertebras_k_most_suspicious_slices():
 
 def test_a_checkpoint_saved_with_the_old_slice_pool_name_is_read():
     assert PoolingConfig.from_dict({"slice_pool": "max", "patient_pool": "noisy_or"}) == PoolingConfig(aggregator="max", patient_pool="noisy_or")
+    assert PoolingConfig.from_dict({}).aggregator == "max"  # recorded nothing: max was the only one
     assert PoolingConfig().aggregator == "sequence"  # the default: it measured best on the demo (README)
 
 

@@ -359,7 +359,9 @@ def test_evaluate_reproduces_the_logged_metric_of_the_best_shard(toy_chunks, tmp
     assert result["shard"] == best["shard"]
     for key in ("weighted_log_loss", "weighted_log_loss_uncalibrated", "baseline_weighted_log_loss"):
         assert result[key] == pytest.approx(best[key], abs=1e-12)
-    assert "baseline" in capsys.readouterr().out
+    assert result["aggregator"] == best["aggregator"] == "sequence" and result["aggregators"] == best["aggregators"]
+    printed = capsys.readouterr().out
+    assert "baseline" in printed and "sequence wll" in printed  # every aggregator, side by side
 
 
 def test_uint8_batches_become_model_input_on_the_device_augmented_only_in_training(toy_chunks, tmp_path):

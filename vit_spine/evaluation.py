@@ -64,10 +64,10 @@ class PoolingConfig:
     @classmethod
     def from_dict(cls, saved: dict) -> PoolingConfig:
         """The pooling a checkpoint recorded (`vit_spine.json` `pooling`); one saved before `aggregator` was the
-        field's name recorded it as `slice_pool`."""
+        field's name recorded it as `slice_pool`, and one that recorded neither was pooled by `max`, the only
+        aggregator then."""
         saved = dict(saved)
-        if "slice_pool" in saved:
-            saved.setdefault("aggregator", saved.pop("slice_pool"))
+        saved.setdefault("aggregator", saved.pop("slice_pool", "max"))
         return cls(**saved)
 
 
@@ -341,5 +341,7 @@ def main(argv=None) -> int:
         out = Path(config.output_file) if config.output_file else Path(result["checkpoint"]) / EVAL_RESULTS_FILE
         out.write_text(json.dumps(result, indent=2))
         print(format_table([result]))
+        print("\nevery aggregator (validation weighted log loss, mean AUC C1-C7):")
+        print(format_aggregator_table([result]))
         print(f"\nwritten to {out}")
     return 0
