@@ -36,6 +36,10 @@ class PoolingOptions(Protocol):
     aggregator: str
     patient_pool: str
     topk: int
+    sequence_hidden: int
+    sequence_members: int
+    sequence_max_length: int
+    sequence_epochs: int
 
 
 class Aggregator(Protocol):
@@ -187,11 +191,6 @@ def saved_aggregators(pooling: PoolingOptions, checkpoint: Path) -> dict[str, Ag
             aggregator.load(Path(checkpoint))
         ready[name] = aggregator
     return ready
-
-
-def learned_names(pooling: PoolingOptions) -> list[str]:
-    """The registered aggregators that must be fitted, in registry order."""
-    return [name for name, cls in _AGGREGATORS.items() if is_learned(cls(pooling))]
 
 
 def aggregate_studies(aggregator: Aggregator, study_ids: np.ndarray, slice_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -309,9 +309,11 @@ def score_checkpoint(
     validation = load_validation(chunks, manifest)
     probs = predict_probabilities(model, validation.dataset, batch_size, validation.study_ids)
     pooling = PoolingConfig.from_dict(meta.get("pooling", {}))
-    make_aggregator(pooling, checkpoint=checkpoint)  # the chosen one must be there: a missing head is named
+    aggregators = saved_aggregators(pooling, checkpoint)
+    if pooling.aggregator not in aggregators:
+        make_aggregator(pooling, checkpoint=checkpoint)  # the chosen one must be there: this names what is missing
     row, _, studies = score_predictions(probs, validation, checkpoint_prevalence(meta, chunks, manifest), pooling,
-                                        seed=checkpoint_seed(meta, seed), aggregators=saved_aggregators(pooling, checkpoint))
+                                        seed=checkpoint_seed(meta, seed), aggregators=aggregators)
     row = {"checkpoint": str(checkpoint), "chunks": str(chunks), "shard": meta.get("shard"), **row}
     return Scored(row, probs, validation, studies)
 

@@ -28,21 +28,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import PartialState
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import TrainerCallback, TrainingArguments
 
 from vit_spine import options
 from vit_spine.artifacts import RunDir, load_manifest, plan_fingerprint, train_shards, val_shards
-from vit_spine.data import ShardDataset, collate_batch, model_input
+from vit_spine.data import ShardDataset, collate_batch
 from vit_spine.fs import FolderLock, durable_replace, flush_folder_files, write_json_atomic
 from vit_spine.options import aliases, parse_config
 from vit_spine.schema import MANIFEST_FILE, TRAINER_DIR
 from vit_spine.train import (
     AlignLogs,
+    MarkedUint8Trainer,
     StopRequest,
     fit_loader_options,
     last_complete_checkpoint,
-    mark_checkpoint_complete,
     shard_train_loss,
     training_defaults,
 )
@@ -185,30 +184,15 @@ class PixelDataset(torch.utils.data.Dataset):
         return [{"pixel_values": row} for row in torch.from_numpy(out)]
 
 
-class PretrainTrainer(Trainer):
-    """A Trainer for uint8 pixel batches: they become the model's input on the device (`data.model_input`, no
-    augmentation: the input `train` gives the classifier); each checkpoint gets train's "complete" marker."""
-
-    def _prepare_input(self, data):
-        if isinstance(data, torch.Tensor) and not self.is_deepspeed_enabled:
-            return data.to(self.args.device, non_blocking=True)
-        return super()._prepare_input(data)
-
-    def _prepare_inputs(self, inputs: dict) -> dict:
-        inputs = super()._prepare_inputs(inputs)
-        inputs["pixel_values"] = model_input(inputs["pixel_values"])
-        return inputs
+class PretrainTrainer(MarkedUint8Trainer):
+    """train's uint8 Trainer (`model_input` on the device, no augmentation: the input `train` gives the classifier;
+    each checkpoint marked complete), resuming from the weights `from_pretrained` loaded."""
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         # The weights came from `from_pretrained(checkpoint)`, which maps the names transformers saves back; the
         # Trainer's own strict=False load does not (it would warn that every layer is missing, and load none).
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            mark_checkpoint_complete(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
 
 
 @dataclass

@@ -280,20 +280,14 @@ class EpochSeededSampler(torch.utils.data.Sampler):
         return iter(balanced_sampler(self.dataset, self.positive_fraction, generator=generator))
 
 
-class ShardTrainer(Trainer):
-    """A Trainer for uint8 shard batches whose LR schedule is one slice of a schedule spanning every shard of the run.
+class MarkedUint8Trainer(Trainer):
+    """A Trainer for uint8 shard batches that marks each checkpoint complete: what train and pretrain share.
 
     Batches arrive as uint8 and become the model's input on the device (`model_input`): normalised, and
-    augmented when `augment` is given and the model is training.
+    augmented with `augment` (None: never) while the model is training.
     """
 
-    def __init__(self, *args, schedule_offset: int = 0, schedule_total: int = 1, positive_fraction: float | None = None,
-                 augment: AugmentConfig | None = None, **kwargs):
-        self.schedule_offset = schedule_offset
-        self.schedule_total = schedule_total
-        self.positive_fraction = positive_fraction
-        self.augment = augment
-        super().__init__(*args, **kwargs)
+    augment: AugmentConfig | None = None
 
     def _prepare_input(self, data):
         # A batch in pinned memory can travel to the GPU while the host goes on queueing the step (the
@@ -315,6 +309,19 @@ class ShardTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             mark_checkpoint_complete(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
+
+class ShardTrainer(MarkedUint8Trainer):
+    """A MarkedUint8Trainer whose LR schedule is one slice of a schedule spanning every shard of the run, with
+    balanced sampling (`positive_fraction`) and augmentation (`augment`) while training."""
+
+    def __init__(self, *args, schedule_offset: int = 0, schedule_total: int = 1, positive_fraction: float | None = None,
+                 augment: AugmentConfig | None = None, **kwargs):
+        self.schedule_offset = schedule_offset
+        self.schedule_total = schedule_total
+        self.positive_fraction = positive_fraction
+        self.augment = augment
+        super().__init__(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -692,11 +699,13 @@ def write_out_of_sample(directory: Path, oos: OutOfSample) -> None:
 
 def read_out_of_sample(checkpoint: Path) -> OutOfSample | None:
     """The out-of-sample logits a finished shard's checkpoint holds (None: it had no next shard), checked
-    against the checkpoint's file record."""
+    against the checkpoint's file record (that file only: every later shard reads it again, and the model's
+    weights, hundreds of MB for ViT-B, are not needed here)."""
     path = checkpoint / OUT_OF_SAMPLE_FILE
     if not path.is_file():
         return None
-    verify_checkpoint(checkpoint, read_checkpoint_meta(checkpoint))
+    record = read_checkpoint_meta(checkpoint).get("files", {})
+    verify_checkpoint(checkpoint, {"files": {name: record[name] for name in record if name == OUT_OF_SAMPLE_FILE}})
     with np.load(path) as stored:
         return OutOfSample(stored["rows"], stored["logits"])
 
